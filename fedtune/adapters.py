@@ -1,0 +1,163 @@
+"""LoRA adapter state, deltas, their wire form, and the aggregation rules.
+
+A site sends ``n_i · Δ_i`` and ``n_i`` (its record count) rather than ``Δ_i``: the
+weighted mean Σ n_i Δ_i / Σ n_i then needs only two sums, which is exactly what a
+secure sum reveals, so no site's size is ever seen on its own.  The step between
+"updates received" and "sum formed" is :func:`sum_updates`; secure aggregation
+replaces only that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import PeftModel
+
+log = logging.getLogger(__name__)
+
+State = dict[str, np.ndarray]
+
+
+def lora_state(model: PeftModel, names: list[str]) -> State:
+    """float32 copies of the named LoRA tensors."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in names}
+
+
+def load_lora_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            target = params[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"adapter tensor {name}: shape {value.shape} does not fit {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+
+
+def to_array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={n: Array(np.ascontiguousarray(v)) for n, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> State:
+    return {n: record[n].numpy() for n in record.keys()}
+
+
+def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> State:
+    return {n: a[n] - b[n] for n in a}
+
+
+def scale(state: Mapping[str, np.ndarray], factor: float) -> State:
+    return {n: (v * factor).astype(np.float32) for n, v in state.items()}
+
+
+def l2_norm(state: Mapping[str, np.ndarray]) -> float:
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values())))
+
+
+class UpdateRejected(ValueError):
+    """A site's update is malformed; it is logged and never aggregated."""
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What a well-formed update must look like: these tensors, shapes, float32."""
+
+    shapes: dict[str, tuple[int, ...]]
+    max_bytes: int
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], max_bytes: int) -> "UpdateSpec":
+        return cls({n: tuple(v.shape) for n, v in state.items()}, max_bytes)
+
+
+def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> State:
+    """Check names, shapes, dtype, size and finiteness *before* decoding into the sum."""
+    names = set(record.keys())
+    if names != set(spec.shapes):
+        missing, extra = sorted(set(spec.shapes) - names), sorted(names - set(spec.shapes))
+        raise UpdateRejected(f"wrong tensors (missing {missing[:3]}, unexpected {extra[:3]})")
+    total_bytes = sum(len(record[n].data) for n in names)
+    if total_bytes > spec.max_bytes:
+        raise UpdateRejected(f"payload of {total_bytes} bytes exceeds the limit of {spec.max_bytes}")
+    for name in names:
+        arr = record[name]
+        if tuple(arr.shape) != spec.shapes[name]:
+            raise UpdateRejected(f"tensor {name} has shape {tuple(arr.shape)}, expected {spec.shapes[name]}")
+        if arr.dtype != "float32":
+            raise UpdateRejected(f"tensor {name} has dtype {arr.dtype}, expected float32")
+    if not (math.isfinite(weight) and weight > 0):
+        raise UpdateRejected(f"weight {weight} is not a positive finite number")
+    state = from_array_record(record)
+    for name, value in state.items():
+        if not np.all(np.isfinite(value)):
+            raise UpdateRejected(f"tensor {name} contains NaN or Inf")
+    return state
+
+
+def sum_updates(updates: list[tuple[State, float]]) -> tuple[State, float]:
+    """Σ n_i Δ_i and Σ n_i, in float64.  The seam that secure aggregation replaces."""
+    if not updates:
+        raise ValueError("no updates to sum")
+    names = list(updates[0][0])
+    total = {n: np.zeros(updates[0][0][n].shape, dtype=np.float64) for n in names}
+    weight = 0.0
+    for state, w in updates:
+        for n in names:
+            total[n] += state[n]
+        weight += w
+    return total, weight
+
+
+class FedAvgLoRA:
+    """Weighted FedAvg of the deltas of every LoRA tensor (A and B).
+
+    Averaging A and B separately is not averaging the products B·A, so the global
+    adapter is only approximately the mean of the sites' adapters; this is the usual
+    LoRA-FedAvg trade-off.
+    """
+
+    name = "fedavg"
+
+    def aggregated_names(self, model: PeftModel) -> list[str]:
+        from fedtune.models import lora_parameter_names
+
+        return lora_parameter_names(model)
+
+    def aggregate(self, weighted_sum: Mapping[str, np.ndarray], total_weight: float) -> State:
+        """The rule: Σ n_i Δ_i / Σ n_i."""
+        if total_weight <= 0:
+            raise ValueError("total weight must be positive")
+        return {n: (v / total_weight).astype(np.float32) for n, v in weighted_sum.items()}
+
+    def apply(self, global_state: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> State:
+        return {n: (global_state[n] + mean_delta[n]).astype(np.float32) if n in mean_delta else global_state[n]
+                for n in global_state}
+
+
+class FFALoRA(FedAvgLoRA):
+    """FFA-LoRA (Sun et al., ICLR 2024): A frozen at its shared initialisation, only B trained.
+
+    With A fixed, B·A is linear in B, so the average of the sites' adapters is exactly
+    the adapter of the averaged B; and DP noise is spread over half the parameters.
+    """
+
+    name = "ffa"
+
+    def aggregated_names(self, model: PeftModel) -> list[str]:
+        from fedtune.models import lora_parameter_names
+
+        return lora_parameter_names(model, only_b=True)
+
+
+def make_strategy(name: str) -> FedAvgLoRA:
+    if name == "ffa":
+        return FFALoRA()
+    if name == "fedavg":
+        return FedAvgLoRA()
+    raise ValueError(f"config error in 'federation.strategy': unknown strategy '{name}'. Use fedavg or ffa.")

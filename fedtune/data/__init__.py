@@ -1,0 +1,51 @@
+"""Site data: loading, encoding, partitioning, and the built-in demo corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.config import DataConfig
+from fedtune.data.demo import demo_corpus
+from fedtune.data.partition import partition, train_eval_split
+from fedtune.data.records import DataError, Record, load_jsonl
+
+
+@dataclass
+class FederatedData:
+    """The pooled records of a simulation, split into sites and a held-out set."""
+
+    records: list[Record]
+    site_indices: list[list[int]]
+    eval_indices: list[int]
+
+    def site_records(self, site: int) -> list[Record]:
+        return [self.records[i] for i in self.site_indices[site]]
+
+    def eval_records(self) -> list[Record]:
+        return [self.records[i] for i in self.eval_indices]
+
+    @property
+    def num_train_records(self) -> int:
+        return sum(len(s) for s in self.site_indices)
+
+
+def load_records(cfg: DataConfig) -> list[Record]:
+    if cfg.path is None:
+        return demo_corpus(cfg.demo_records, seed=cfg.seed)
+    return load_jsonl(cfg.path, fmt=cfg.format, group_field=cfg.group_field)
+
+
+def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
+    """Deterministic in the config: every simulated party computes the same split."""
+    records = load_records(cfg)
+    train_idx, eval_idx = train_eval_split(len(records), cfg.eval_fraction, cfg.seed)
+    train_records = [records[i] for i in train_idx]
+    parts = partition(train_records, num_sites, cfg.partition, cfg.dirichlet_alpha, cfg.seed) if train_records else [[] for _ in range(num_sites)]
+    return FederatedData(
+        records=records,
+        site_indices=[[train_idx[j] for j in part] for part in parts],
+        eval_indices=eval_idx,
+    )
+
+
+__all__ = ["DataError", "FederatedData", "Record", "load_federated_data", "load_jsonl", "load_records"]

@@ -1,0 +1,260 @@
+"""The server's round loop (DESIGN.md, "One round, as data"), on Flower's Grid.
+
+The server never trusts a site's report of its own privacy spend: it keeps its own
+ledger per site, charged from the σ, q and steps it dictated, for every site that
+sent an update *or went silent* (a silent site may have released its update).  A
+site that refuses is not charged.  Sites whose next round would pass their budget
+are not scheduled; when none is left the run ends with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from fedtune import adapters, reporting
+from fedtune.checkpoint import append_jsonl, atomic_replace_dir, load_checkpoint, save_checkpoint
+from fedtune.config import FedtuneConfig
+from fedtune.data import load_federated_data
+from fedtune.data.encoding import encode_all
+from fedtune.evaluate import evaluate_lm
+from fedtune.federation import protocol
+from fedtune.models import build_lora_model, lora_parameter_names
+from fedtune.privacy.accounting import Charge
+from fedtune.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    name: str
+    budget_epsilon: float
+    delta: float
+    refused: bool = False
+
+
+@dataclass
+class ServerSummary:
+    run_dir: Path
+    rounds_completed: int
+    stop_reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= count or time.monotonic() > deadline:
+            return node_ids
+        time.sleep(0.5)
+
+
+def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float) -> list[SiteInfo]:
+    """Ask every node who it is: its stable site pseudonym and its own budget."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.DESCRIBE) for n in node_ids]
+    sites = []
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        if reply.has_error():
+            log.warning("node %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info = reply.content[protocol.SITE]
+        sites.append(SiteInfo(node_id=reply.metadata.src_node_id, name=str(info["site"]),
+                              budget_epsilon=float(info["budget_epsilon"]), delta=float(info["delta"])))
+    return sorted(sites, key=lambda s: s.name)
+
+
+def round_config(cfg: FedtuneConfig, round_number: int) -> protocol.RoundConfig:
+    p, t = cfg.privacy, cfg.train
+    return protocol.RoundConfig(
+        round=round_number, noise_multiplier=p.noise_multiplier if p.enabled else 0.0,
+        sample_rate=p.sample_rate, local_steps=t.local_steps, max_grad_norm=p.max_grad_norm,
+        learning_rate=t.learning_rate, optimizer=t.optimizer, strategy=cfg.federation.strategy,
+        private=p.enabled,
+    )
+
+
+def _charge_of(rc: protocol.RoundConfig) -> Charge:
+    return Charge(round=rc.round, noise_multiplier=rc.noise_multiplier, sample_rate=rc.sample_rate,
+                  steps=rc.local_steps)
+
+
+def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list[SiteInfo]) -> dict[str, Any]:
+    report: dict[str, Any] = {"accountant": cfg.privacy.accountant, "delta": cfg.privacy.delta, "sites": {}}
+    for site in sites:
+        history = ledger.history(site.name)
+        eps = ledger.epsilon(site.name, site.delta) if cfg.privacy.enabled else (math.inf if history else 0.0)
+        report["sites"][site.name] = {
+            "epsilon": reporting.json_number(eps),
+            "budget_epsilon": site.budget_epsilon,
+            "delta": site.delta,
+            "rounds": len(history),
+            "steps": sum(c.steps for c in history),
+            "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.enabled else 0.0,
+            "sample_rate": cfg.privacy.sample_rate,
+        }
+    return report
+
+
+def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> None:
+    """peft ``save_pretrained`` into a temporary folder, moved into place atomically."""
+    adapters.load_lora_state(model, state)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    model.save_pretrained(str(tmp))
+    atomic_replace_dir(tmp, directory)
+
+
+def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: float = 120.0,
+               round_timeout_s: Optional[float] = None, show_progress: bool = True) -> ServerSummary:
+    """Run the federation to completion and write every output into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation
+    model, tokenizer = build_lora_model(cfg.model)
+    all_names = lora_parameter_names(model)
+    strategy = adapters.make_strategy(fed.strategy)
+    aggregated = strategy.aggregated_names(model)
+    global_state = adapters.lora_state(model, all_names)
+    start_round = 1
+    checkpoint = load_checkpoint(run_dir / "checkpoint")
+    if checkpoint is not None:
+        done, global_state = checkpoint
+        start_round = done + 1
+        log.info("resuming from the checkpoint of round %d", done)
+    spec = adapters.UpdateSpec({n: global_state[n].shape for n in aggregated}, fed.max_update_bytes)
+
+    data = load_federated_data(cfg.data, fed.num_sites)
+    eval_examples = encode_all(data.eval_records(), tokenizer, cfg.data.max_length)
+    pad_id = tokenizer.pad_token_id
+    ledger = PrivacyLedger(run_dir / "server_ledger.sqlite", accountant=cfg.privacy.accountant)
+
+    node_ids = wait_for_nodes(grid, fed.num_sites, wait_timeout_s)
+    sites = discover_sites(grid, node_ids, timeout_s=wait_timeout_s)
+    log.info("%d sites connected: %s", len(sites), ", ".join(s.name for s in sites))
+    if not sites:
+        return ServerSummary(run_dir, 0, "no site connected")
+    rng = random.Random(fed.seed)
+
+    adapters.load_lora_state(model, global_state)
+    baseline = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+    log.info("held-out loss before round %d: %.4f (perplexity %.2f)", start_round, baseline.loss, baseline.perplexity)
+
+    rows: list[dict[str, Any]] = []
+    stop_reason = "all rounds completed"
+    rounds_completed = start_round - 1
+    bar = tqdm(range(start_round, fed.num_rounds + 1), desc="rounds", unit="round", disable=not show_progress)
+    if show_progress:
+        tqdm.write(reporting.TABLE_HEADER)
+    for round_number in bar:
+        rc = round_config(cfg, round_number)
+        charge = _charge_of(rc)
+        eligible = []
+        for site in sites:
+            if site.refused:
+                continue
+            if not cfg.privacy.enabled:
+                eligible.append(site)
+                continue
+            decision = ledger.check(site.name, charge, site.budget_epsilon, site.delta)
+            if decision.allowed:
+                eligible.append(site)
+            else:
+                log.info("not scheduling %s: round %d would raise its ε from %.3f to %.3f (budget %g)",
+                         site.name, round_number, decision.epsilon_before, decision.epsilon_after, site.budget_epsilon)
+        if not eligible:
+            stop_reason = (f"no site has privacy budget left for round {round_number}: one more round of "
+                           f"σ={rc.noise_multiplier}, q={rc.sample_rate}, {rc.local_steps} steps would exceed "
+                           "every site's ε budget. Raise privacy.target_epsilon or privacy.noise_multiplier, "
+                           "or lower privacy.sample_rate or train.local_steps.")
+            log.warning("stopping: %s", stop_reason)
+            break
+        selected = sorted(rng.sample(eligible, min(len(eligible), fed.sites_per_round or len(eligible))),
+                          key=lambda s: s.name)
+
+        round_started = time.perf_counter()
+        content_template = {protocol.GLOBAL_ADAPTER: adapters.to_array_record(global_state),
+                            protocol.ROUND_CONFIG: rc.to_record()}
+        messages = [Message(RecordDict(dict(content_template)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
+                    for s in selected]
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=round_timeout_s)}
+
+        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        participants, refusals, failures, train_losses = [], [], [], []
+        for site in selected:
+            reply = replies.get(site.node_id)
+            if reply is None or reply.has_error():
+                reason = "no reply" if reply is None else reply.error.reason
+                log.warning("%s failed in round %d (%s); charging it, as its update may have left", site.name,
+                            round_number, reason)
+                ledger.charge(site.name, charge)
+                failures.append(site.name)
+                continue
+            status = reply.content[protocol.STATUS]
+            if status["status"] == protocol.STATUS_REFUSED:
+                log.info("%s refused round %d: %s", site.name, round_number, status["reason"])
+                site.refused = True
+                refusals.append(site.name)
+                continue
+            ledger.charge(site.name, charge)
+            metrics = reply.content[protocol.METRICS]
+            try:
+                state = adapters.validate_update(reply.content[protocol.UPDATE], float(metrics["weight"]), spec)
+            except (adapters.UpdateRejected, KeyError, TypeError, ValueError) as exc:
+                log.error("rejected the update of %s in round %d: %s; it is not aggregated", site.name,
+                          round_number, exc)
+                failures.append(site.name)
+                continue
+            updates.append((state, float(metrics["weight"])))
+            participants.append(site.name)
+            if float(metrics["train_loss"]) >= 0:
+                train_losses.append(float(metrics["train_loss"]))
+
+        aggregation_started = time.perf_counter()
+        if updates:
+            weighted_sum, total_weight = adapters.sum_updates(updates)
+            mean_delta = strategy.aggregate(weighted_sum, total_weight)
+            global_state = strategy.apply(global_state, mean_delta)
+            save_checkpoint(run_dir / "checkpoint", round_number, global_state)
+            save_adapter(model, global_state, run_dir / "adapters" / f"round_{round_number:03d}")
+        else:
+            log.warning("round %d produced no valid update; the global adapter is unchanged", round_number)
+        aggregation_seconds = time.perf_counter() - aggregation_started
+
+        adapters.load_lora_state(model, global_state)
+        result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+        epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
+        row = {
+            "round": round_number,
+            "participants": participants,
+            "refusals": refusals,
+            "failures": failures,
+            "train_loss": float(np.mean(train_losses)) if train_losses else None,
+            "eval_loss": result.loss,
+            "eval_perplexity": result.perplexity,
+            "max_epsilon": reporting.json_number(max(epsilons)),
+            "round_seconds": time.perf_counter() - round_started,
+            "aggregation_seconds": aggregation_seconds,
+        }
+        append_jsonl(run_dir / "metrics.jsonl", row)
+        rows.append(row)
+        rounds_completed = round_number
+        if show_progress:
+            tqdm.write(reporting.table_row(row))
+    bar.close()
+
+    reporting.write_privacy_report(run_dir, privacy_report(cfg, ledger, sites))
+    reporting.write_plots(run_dir, rows)
+    log.info("%s after %d rounds; outputs in %s", stop_reason, rounds_completed, run_dir)
+    return ServerSummary(run_dir, rounds_completed, stop_reason, rows)
+

@@ -1,0 +1,154 @@
+"""Base models, tokenizers and LoRA adapters.
+
+Every party (each site and the server) must hold bit-identical frozen base weights,
+because only adapter deltas travel.  A local model directory guarantees that by
+construction; the built-in tiny model guarantees it by being built from a fixed
+config under a fixed seed (deterministic on CPU), so no weights are ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedtune.config import LoraSettings, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+# Attention and MLP projections: adapting all of them beats q/v only at the same
+# rank (LoRA paper §7.1, QLoRA), and none are embeddings, which Opacus cannot clip
+# per sample under LoRA.  Families not listed fall back to peft's own mapping.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+}
+
+
+TINY_HEAD_STD = 0.3
+
+
+def build_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer that needs no vocabulary file (UTF-8 bytes + 3 specials)."""
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+        # A random frozen head with the usual std of 0.02 caps every logit near ±1.3,
+        # so no adapter could make the model confident (loss floor ~4.5 nats/byte).
+        # A wider head gives LoRA the range that a pretrained head would.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, TINY_HEAD_STD)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (or build) the frozen base model and its tokenizer, on CPU, in float32."""
+    if cfg.path is None:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(cfg.tiny, vocab_size=len(tokenizer), seed=cfg.seed)
+    else:
+        path = Path(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # safetensors weights are memory-mapped by from_pretrained; float32 because
+        # DP noise added to low-precision gradients is rounded away.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+def target_modules_for(model: PreTrainedModel, lora: LoraSettings) -> list[str]:
+    if lora.target_modules is not None:
+        return list(lora.target_modules)
+    family = getattr(model.config, "model_type", "")
+    if family in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[family]
+    if family in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family])
+    raise ValueError(
+        f"config error in 'model.lora.target_modules': no default for model family '{family}'. "
+        "List the projection modules to adapt, e.g. model.lora.target_modules=[q_proj,v_proj]."
+    )
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap the base model with LoRA; the adapter's initial A is a function of ``seed``.
+
+    The seed matters for FFA-LoRA, where A stays at this shared initialisation forever.
+    """
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules_for(model, lora),
+        use_dora=False,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
+    try:
+        peft_model = get_peft_model(model, config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return peft_model
+
+
+def build_lora_model(cfg: ModelConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    model, tokenizer = load_base_model(cfg)
+    return attach_lora(model, cfg.lora, seed=cfg.seed), tokenizer
+
+
+def lora_parameter_names(model: PeftModel, only_b: bool = False) -> list[str]:
+    """Names (as in ``named_parameters``) of the LoRA tensors, in a fixed order."""
+    names = [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    if only_b:
+        names = [n for n in names if ".lora_B." in n]
+    return names
+
+
+def set_trainable(model: PeftModel, names: list[str]) -> None:
+    """Train exactly ``names``; FFA-LoRA uses this to freeze every lora_A."""
+    wanted = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)

@@ -1,0 +1,1 @@
+"""Differential privacy: the local DP-SGD run, the persistent ledger, the accountant."""

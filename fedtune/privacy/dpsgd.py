@@ -1,0 +1,183 @@
+"""One local DP-SGD run over the LoRA parameters of a site's model.
+
+The mechanism, per step (Abadi et al. 2016, with Poisson sampling as analysed by
+the RDP/PRV accountants):
+
+1. every record joins the batch independently with probability q (Poisson
+   sampling; a batch may be empty and still counts as a step);
+2. one gradient per record (Opacus per-sample hooks) of that record's own mean
+   token loss (see ``fedtune.data.encoding``);
+3. each per-record gradient is clipped to L2 norm C over all trainable tensors;
+4. Gaussian noise N(0, σ²C²) is added to the sum, which is divided by the
+   *expected* batch size qN (a public constant), then the base optimiser steps.
+
+Opacus mode: **hooks** (``GradSampleHooks``, attached without wrapping, so the peft
+model keeps ``generate`` and its state-dict keys).  Measured with
+``benchmarks/dp_step.py`` on this project's 2-core CPU machines (LoRA r=8, batch
+16 × 128): hooks cost 0.98–1.1× the non-private step, functorch slightly more, and
+ghost clipping ~1.5× with no memory gain, because with LoRA the per-sample gradients
+are small (rank × width per layer) and ghost clipping's second backward pass
+dominates.  Hooks it is; see benchmarks/RESULTS.md for the figures of the last run.
+
+Two Opacus behaviours need care here and are handled in this file:
+* a forward pass on an empty batch crashes the model and leaves hooks dirty: on an
+  empty batch we skip the forward pass and hand the optimiser zero-row per-sample
+  gradients, so it still adds noise (the step is accounted, as it must be);
+* hooks cannot be attached twice: ``DPSGDTrainer`` is a context manager that always
+  removes them, so the same model can train round after round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+
+from fedtune.data.encoding import Batch, Example, collate, per_record_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPSGDParams:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    learning_rate: float
+    optimizer: str = "adam"
+    private: bool = True
+
+
+@dataclass
+class LocalTrainResult:
+    steps: int
+    mean_loss: float
+    empty_batches: int
+    records_seen: int
+
+
+def _base_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def poisson_batches(num_records: int, sample_rate: float, steps: int,
+                    generator: torch.Generator) -> Iterator[list[int]]:
+    """Indices of each step's batch: every record joins independently with prob. q."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(num_records, generator=generator) < sample_rate).flatten().tolist()
+
+
+class DPSGDTrainer:
+    """Per-sample-gradient hooks and a DP optimiser over the trainable parameters.
+
+    Use as a context manager: hooks are removed on exit, even after an error.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: DPSGDParams, num_records: int,
+                 noise_seed: Optional[int] = None) -> None:
+        self.model = model
+        self.params = params
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters; attach LoRA first")
+        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.expected_batch_size = max(1, int(round(params.sample_rate * num_records)))
+        self._hooks: Optional[GradSampleHooks] = None
+        base = _base_optimizer(self.trainable, params.optimizer, params.learning_rate)
+        if params.private:
+            # torch's default generator starts from a fixed, public seed; noise drawn
+            # from it could be replayed and subtracted.  Seed from OS entropy unless a
+            # test pins it.  (Opacus' secure_mode needs torchcsprng, unmaintained.)
+            seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+            generator = torch.Generator().manual_seed(seed)
+            self.optimizer: torch.optim.Optimizer = DPOptimizer(
+                base,
+                noise_multiplier=params.noise_multiplier,
+                max_grad_norm=params.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                loss_reduction="mean",
+                generator=generator,
+            )
+        else:
+            self.optimizer = base
+
+    def __enter__(self) -> "DPSGDTrainer":
+        if self.params.private:
+            self._hooks = GradSampleHooks(self.model, loss_reduction="mean", batch_first=True)
+        self.model.train()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            self._hooks.remove_hooks()
+            self._hooks = None
+        for p in self.trainable:
+            for attr in ("grad_sample", "summed_grad", "_current_grad_sample", "activations"):
+                if hasattr(p, attr):
+                    setattr(p, attr, None)
+            p.grad = None
+
+    def _backward(self, batch: Optional[Batch]) -> float:
+        if batch is None or len(batch) == 0:
+            for p in self.trainable:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            return math.nan
+        losses = per_record_loss(self.model, batch)
+        losses.mean().backward()
+        return float(losses.detach().mean())
+
+    def per_record_gradients(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Unclipped per-record gradients [B, ...] of each trainable tensor (no step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward(batch)
+        grads = {self.names[id(p)]: p.grad_sample.detach().clone() for p in self.trainable}
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    def privatized_gradient(self, batch: Optional[Batch]) -> tuple[dict[str, torch.Tensor], float]:
+        """Clipped, noised, scaled gradient for ``batch`` (``None``: empty batch), no step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(batch)
+        if self.params.private:
+            assert isinstance(self.optimizer, DPOptimizer)
+            self.optimizer.pre_step()
+        grads = {self.names[id(p)]: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                 for p in self.trainable}
+        return grads, loss
+
+    def step(self, batch: Optional[Batch]) -> float:
+        """One DP-SGD step; returns the batch's mean record loss (NaN if empty)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.params.private and (batch is None or len(batch) == 0):
+            return math.nan
+        loss = self._backward(batch)
+        self.optimizer.step()
+        return loss
+
+
+def train_locally(model: torch.nn.Module, examples: list[Example], params: DPSGDParams, pad_id: int,
+                  seed: int, noise_seed: Optional[int] = None) -> LocalTrainResult:
+    """Run ``params.steps`` DP-SGD steps on a site's examples."""
+    sampler = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    empty = seen = 0
+    with DPSGDTrainer(model, params, num_records=len(examples), noise_seed=noise_seed) as trainer:
+        for indices in poisson_batches(len(examples), params.sample_rate, params.steps, sampler):
+            batch = collate([examples[i] for i in indices], pad_id) if indices else None
+            loss = trainer.step(batch)
+            if indices:
+                losses.append(loss)
+                seen += len(indices)
+            else:
+                empty += 1
+    mean_loss = float(sum(losses) / len(losses)) if losses else math.nan
+    return LocalTrainResult(steps=params.steps, mean_loss=mean_loss, empty_batches=empty, records_seen=seen)

@@ -1,0 +1,80 @@
+"""What a run leaves behind for people: the privacy report, the round table, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from fedtune.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+TABLE_HEADER = f"{'round':>5} {'trained':>7} {'refused':>7} {'train loss':>10} {'eval loss':>9} {'ppl':>8} {'max ε':>7}"
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def table_row(row: dict[str, Any]) -> str:
+    return (f"{row['round']:>5} {len(row['participants']):>7} {len(row['refusals']):>7} "
+            f"{_fmt(row['train_loss'], '.4f'):>10} {_fmt(row['eval_loss'], '.4f'):>9} "
+            f"{_fmt(row['eval_perplexity'], '.2f'):>8} {_fmt(row['max_epsilon'], '.3f'):>7}")
+
+
+def json_number(value: float) -> float | str:
+    """JSON has no infinity; a non-private run reports ε as the string "inf"."""
+    return value if math.isfinite(value) else "inf"
+
+
+def write_privacy_report(run_dir: Path, report: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "privacy_report.json", json.dumps(report, indent=2))
+    lines = [
+        "# Privacy report",
+        "",
+        f"Record-level (ε, δ)-DP per site, δ = {report['delta']:g}, accountant: {report['accountant']}. "
+        "Each site's ε covers everything it released over all rounds, computed by the server from the "
+        "parameters it dictated.",
+        "",
+        "| site | ε spent | ε budget | rounds | steps | σ | q |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for site, s in sorted(report["sites"].items()):
+        eps = s["epsilon"]
+        lines.append(f"| {site} | {eps if isinstance(eps, str) else f'{eps:.3f}'} | {s['budget_epsilon']:g} | "
+                     f"{s['rounds']} | {s['steps']} | {s['noise_multiplier']} | {s['sample_rate']} |")
+    atomic_write_text(run_dir / "privacy_report.md", "\n".join(lines) + "\n")
+
+
+def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Loss/perplexity and ε against rounds, as PNG (skipped if matplotlib is absent)."""
+    if not rows:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is an optional extra
+        log.info("matplotlib not installed: no plots")
+        return
+    rounds = [r["round"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="held-out loss")
+    ax1.plot(rounds, [r["train_loss"] if r["train_loss"] is not None else math.nan for r in rows],
+             marker="x", label="train loss")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("loss (nats/token)")
+    ax1.legend()
+    ax2.plot(rounds, [r["max_epsilon"] if isinstance(r["max_epsilon"], (int, float)) else math.nan for r in rows],
+             marker="o", color="tab:red")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("max ε spent")
+    fig.tight_layout()
+    fig.savefig(run_dir / "rounds.png", dpi=100)
+    plt.close(fig)
