@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import adapters
+from fedtune.config import FedtuneConfig
+from fedtune.federation import client as site
+from fedtune.federation import protocol
+from fedtune.federation.server import round_config
+from fedtune.models import build_lora_model, lora_parameter_names
+from fedtune.privacy.accounting import epsilon
+from fedtune.privacy.ledger import PrivacyLedger
+
+
+def _train_message(cfg: FedtuneConfig, round_number: int = 1) -> Message:
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    model, _ = build_lora_model(cfg.model)
+    state = adapters.lora_state(model, lora_parameter_names(model))
+    content = RecordDict({protocol.GLOBAL_ADAPTER: adapters.to_array_record(state),
+                          protocol.ROUND_CONFIG: round_config(cfg, round_number).to_record()})
+    return Message(content, dst_node_id=7, message_type=protocol.TRAIN)
+
+
+def _site(cfg: FedtuneConfig) -> site.SiteSettings:
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    return site.site_settings(ctx, cfg, Path(cfg.run_dir))
+
+
+def _records(cfg: FedtuneConfig):
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    return site.site_records(ctx, cfg)
+
+
+def test_site_trains_and_charges_before_release(tiny_cfg: FedtuneConfig) -> None:
+    settings = _site(tiny_cfg)
+    reply = site.train(_train_message(tiny_cfg), settings, tiny_cfg, _records(tiny_cfg))
+    assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_OK
+    weight = float(reply.content[protocol.METRICS]["weight"])
+    assert weight == len(_records(tiny_cfg))
+    update = adapters.from_array_record(reply.content[protocol.UPDATE])
+    assert adapters.l2_norm(update) > 0
+    ledger = PrivacyLedger(settings.ledger_path)
+    assert len(ledger.history(settings.name)) == 1
+
+
+def test_site_refuses_a_round_past_its_budget(tiny_cfg: FedtuneConfig) -> None:
+    rc = round_config(tiny_cfg, 1)
+    from fedtune.privacy.accounting import Charge
+
+    one_round = epsilon([Charge(1, rc.noise_multiplier, rc.sample_rate, rc.local_steps)], tiny_cfg.privacy.delta)
+    tiny_cfg.privacy.target_epsilon = one_round * 1.2  # room for one round, not two
+    settings = _site(tiny_cfg)
+    first = site.train(_train_message(tiny_cfg, 1), settings, tiny_cfg, _records(tiny_cfg))
+    assert first.content[protocol.STATUS]["status"] == protocol.STATUS_OK
+    second = site.train(_train_message(tiny_cfg, 2), settings, tiny_cfg, _records(tiny_cfg))
+    status = second.content[protocol.STATUS]
+    assert status["status"] == protocol.STATUS_REFUSED
+    assert "past the budget" in str(status["reason"])
+    assert protocol.UPDATE not in second.content.array_records
+    # The refusal itself costs nothing, and a fresh process (restart) sees the same ledger.
+    assert len(PrivacyLedger(settings.ledger_path).history(settings.name)) == 1
+
+
+def test_charge_is_kept_when_training_crashes(tiny_cfg: FedtuneConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(site, "train_locally", crash)
+    settings = _site(tiny_cfg)
+    with pytest.raises(RuntimeError, match="power cut"):
+        site.train(_train_message(tiny_cfg), settings, tiny_cfg, _records(tiny_cfg))
+    assert len(PrivacyLedger(settings.ledger_path).history(settings.name)) == 1
+
+
+def test_private_site_refuses_a_non_private_round(tiny_cfg: FedtuneConfig) -> None:
+    server_cfg = FedtuneConfig()
+    server_cfg.model = tiny_cfg.model
+    server_cfg.privacy.enabled = False
+    reply = site.train(_train_message(server_cfg), _site(tiny_cfg), tiny_cfg, _records(tiny_cfg))
+    assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_REFUSED
+    assert "requires DP" in str(reply.content[protocol.STATUS]["reason"])

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, Message
+
+from fedtune.apps import make_client_app
+from fedtune.checkpoint import load_checkpoint
+from fedtune.config import FedtuneConfig
+from fedtune.federation import protocol
+from fedtune.federation.server import round_config, run_server
+from fedtune.privacy.accounting import Charge, epsilon
+from fedtune.privacy.ledger import PrivacyLedger
+
+from conftest import InProcessGrid
+
+
+def _rounds_epsilon(cfg: FedtuneConfig, rounds: int = 1) -> float:
+    rc = round_config(cfg, 1)
+    charges = [Charge(r, rc.noise_multiplier, rc.sample_rate, rc.local_steps) for r in range(rounds)]
+    return epsilon(charges, cfg.privacy.delta)
+
+
+def test_round_loop_writes_outputs(tiny_cfg: FedtuneConfig) -> None:
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    run = Path(tiny_cfg.run_dir)
+    assert summary.rounds_completed == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("participants", "refusals", "train_loss", "eval_loss", "eval_perplexity", "max_epsilon"):
+        assert key in rows[0]
+    assert rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    assert (run / "adapters" / "round_002" / "adapter_model.safetensors").is_file()
+    report = json.loads((run / "privacy_report.json").read_text())
+    server_ledger = PrivacyLedger(run / "server_ledger.sqlite")
+    for name, entry in report["sites"].items():
+        site_ledger = PrivacyLedger(run / "sites" / name / "ledger.sqlite")
+        # The server's own accounting agrees with what each site charged itself.
+        assert entry["epsilon"] == site_ledger.epsilon(name, tiny_cfg.privacy.delta)
+        assert server_ledger.history(name) == site_ledger.history(name)
+        assert entry["rounds"] == 2 and entry["steps"] == 2 * tiny_cfg.train.local_steps
+    assert load_checkpoint(run / "checkpoint")[0] == 2
+
+
+def test_exhausted_sites_are_not_scheduled_and_run_ends(tiny_cfg: FedtuneConfig, caplog) -> None:
+    tiny_cfg.federation.num_rounds = 4
+    # one round fits, two do not
+    tiny_cfg.privacy.target_epsilon = (_rounds_epsilon(tiny_cfg, 1) + _rounds_epsilon(tiny_cfg, 2)) / 2
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    with caplog.at_level(logging.INFO, logger="fedtune"):
+        summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert summary.rounds_completed == 1
+    assert "no site has privacy budget left for round 2" in summary.stop_reason
+    train_messages = [m for m in grid.sent if m.metadata.message_type == protocol.TRAIN]
+    assert len(train_messages) == 3  # only round 1 was ever sent
+    assert "not scheduling site-00" in caplog.text
+
+
+def test_budget_too_small_for_one_round_releases_nothing(tiny_cfg: FedtuneConfig) -> None:
+    tiny_cfg.privacy.target_epsilon = _rounds_epsilon(tiny_cfg) * 0.5
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert summary.rounds_completed == 0
+    assert "round 1" in summary.stop_reason and "privacy.target_epsilon" in summary.stop_reason
+    run = Path(tiny_cfg.run_dir)
+    assert not (run / "adapters").exists()
+    assert not (run / "sites").exists()  # no site was ever asked to train
+    assert json.loads((run / "privacy_report.json").read_text())["sites"]["site-00"]["rounds"] == 0
+
+
+def test_silent_site_is_charged_by_the_server(tiny_cfg: FedtuneConfig) -> None:
+    tiny_cfg.federation.num_rounds = 1
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3, drop={101})
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert summary.rows[0]["failures"] == ["site-01"]
+    assert summary.rows[0]["participants"] == ["site-00", "site-02"]
+    assert len(PrivacyLedger(Path(tiny_cfg.run_dir) / "server_ledger.sqlite").history("site-01")) == 1
+
+
+class CorruptingApp:
+    """Wraps the real ClientApp and spoils one site's update in a chosen way."""
+
+    def __init__(self, app, node: int, how: str) -> None:
+        self.app, self.node, self.how = app, node, how
+
+    def __call__(self, msg: Message, ctx):
+        reply = self.app(msg, ctx)
+        if msg.metadata.message_type == protocol.TRAIN and msg.metadata.dst_node_id == self.node:
+            update = reply.content[protocol.UPDATE]
+            name = next(iter(update.keys()))
+            value = update[name].numpy()
+            if self.how == "nan":
+                value = value.copy()
+                value.flat[0] = np.nan
+            elif self.how == "shape":
+                value = value[:1]
+            elif self.how == "dtype":
+                value = value.astype(np.float64)
+            update[name] = Array(np.ascontiguousarray(value))
+        return reply
+
+
+def test_malformed_updates_are_rejected_and_logged(tiny_cfg: FedtuneConfig, caplog) -> None:
+    tiny_cfg.federation.num_rounds = 1
+    for how, words in (("nan", "NaN"), ("shape", "shape"), ("dtype", "dtype")):
+        tiny_cfg.run_dir = str(Path(tiny_cfg.run_dir).with_name(f"run-{how}"))
+        grid = InProcessGrid(CorruptingApp(make_client_app(tiny_cfg), 102, how), 3)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="fedtune"):
+            summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+        assert summary.rows[0]["participants"] == ["site-00", "site-01"]
+        assert "rejected the update of site-02" in caplog.text and words in caplog.text
+
+
+def test_oversized_update_is_rejected(tiny_cfg: FedtuneConfig, caplog) -> None:
+    tiny_cfg.federation.num_rounds = 1
+    tiny_cfg.federation.max_update_bytes = 1000
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    with caplog.at_level(logging.ERROR, logger="fedtune"):
+        summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert summary.rows[0]["participants"] == []
+    assert "exceeds the limit" in caplog.text
+    assert not (Path(tiny_cfg.run_dir) / "adapters").exists()
+
+
+def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
+    tiny_cfg.federation.num_rounds = 1
+    run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    _, after_one = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint")
+    tiny_cfg.federation.num_rounds = 2
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert [r["round"] for r in summary.rows] == [2]
+    sent = [m for m in grid.sent if m.metadata.message_type == protocol.TRAIN][0]
+    sent_state = {n: sent.content[protocol.GLOBAL_ADAPTER][n].numpy() for n in after_one}
+    for name, value in after_one.items():
+        np.testing.assert_array_equal(sent_state[name], value)
+    assert math.isfinite(summary.rows[0]["eval_loss"])
