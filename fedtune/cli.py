@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from fedtune.config import ConfigError, FedtuneConfig, register_configs
+from fedtune.data.records import DataError
 
 log = logging.getLogger("fedtune")
 
@@ -50,8 +51,8 @@ def _simulate_job(raw_cfg) -> None:  # type: ignore[no-untyped-def]
     _resolve_run_dir(cfg)
     try:
         summary = simulate(cfg)
-    except ConfigError as exc:
-        log.error("%s", exc)
+    except (ConfigError, DataError) as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"\n{summary.stop_reason}: {summary.rounds_completed} round(s).")
     print(f"Outputs: {summary.run_dir}")

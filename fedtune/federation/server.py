@@ -9,6 +9,7 @@ are not scheduled; when none is left the run ends with a clear message.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from fedtune import adapters, reporting
-from fedtune.checkpoint import append_jsonl, atomic_replace_dir, load_checkpoint, save_checkpoint
+from fedtune.checkpoint import append_jsonl, atomic_write_text, atomic_replace_dir, load_checkpoint, save_checkpoint
 from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
 from fedtune.data.encoding import encode_all
@@ -254,6 +255,13 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     bar.close()
 
     reporting.write_privacy_report(run_dir, privacy_report(cfg, ledger, sites))
+    atomic_write_text(run_dir / "summary.json", json.dumps({
+        "rounds_completed": rounds_completed,
+        "stop_reason": stop_reason,
+        "initial_eval_loss": baseline.loss,
+        "final_eval_loss": rows[-1]["eval_loss"] if rows else baseline.loss,
+        "sites": [s.name for s in sites],
+    }, indent=2))
     reporting.write_plots(run_dir, rows)
     log.info("%s after %d rounds; outputs in %s", stop_reason, rounds_completed, run_dir)
     return ServerSummary(run_dir, rounds_completed, stop_reason, rows)
