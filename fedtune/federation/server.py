@@ -192,6 +192,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
 
         updates: list[tuple[dict[str, np.ndarray], float]] = []
         participants, refusals, failures, train_losses = [], [], [], []
+        local_train_seconds = 0.0
         for site in selected:
             reply = replies.get(site.node_id)
             if reply is None or reply.has_error():
@@ -218,6 +219,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                 continue
             updates.append((state, float(metrics["weight"])))
             participants.append(site.name)
+            local_train_seconds += float(metrics["train_seconds"])
             if float(metrics["train_loss"]) >= 0:
                 train_losses.append(float(metrics["train_loss"]))
 
@@ -232,8 +234,10 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             log.warning("round %d produced no valid update; the global adapter is unchanged", round_number)
         aggregation_seconds = time.perf_counter() - aggregation_started
 
+        eval_started = time.perf_counter()
         adapters.load_lora_state(model, global_state)
         result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+        eval_seconds = time.perf_counter() - eval_started
         epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
         row = {
             "round": round_number,
@@ -246,6 +250,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             "max_epsilon": reporting.json_number(max(epsilons)),
             "round_seconds": time.perf_counter() - round_started,
             "aggregation_seconds": aggregation_seconds,
+            "eval_seconds": eval_seconds,
+            "local_train_seconds": local_train_seconds,
         }
         append_jsonl(run_dir / "metrics.jsonl", row)
         rows.append(row)
