@@ -161,3 +161,19 @@ def make_strategy(name: str) -> FedAvgLoRA:
     if name == "fedavg":
         return FedAvgLoRA()
     raise ValueError(f"config error in 'federation.strategy': unknown strategy '{name}'. Use fedavg or ffa.")
+
+
+def flatten(state: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """One float64 vector of the named tensors, in the given order (for masking)."""
+    return np.concatenate([np.asarray(state[n], dtype=np.float64).ravel() for n in names])
+
+
+def unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], names: list[str]) -> State:
+    out, offset = {}, 0
+    for n in names:
+        size = int(np.prod(shapes[n]))
+        out[n] = vector[offset:offset + size].reshape(shapes[n])
+        offset += size
+    if offset != len(vector):
+        raise ValueError(f"vector of {len(vector)} entries does not match tensors of {offset}")
+    return out

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import FedtuneConfig, from_dict, validate
 from fedtune.federation import client as site
+from fedtune.federation import protocol, secure_client
 from fedtune.federation.server import ServerSummary, run_server
 
 RUN_CONFIG_KEY = "fedtune-config"
@@ -64,6 +65,10 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None) -> ClientApp:
         config = config_from_context(context, cfg)
         settings = site.site_settings(context, config, run_dir_of(config))
         logging.getLogger("fedtune").setLevel(config.log_level)
+        if protocol.SECAGG in msg.content.config_records:
+            stage = str(msg.content[protocol.SECAGG]["stage"])
+            records = site.site_records(context, config) if stage == protocol.STAGE_MASK else []
+            return secure_client.handle(msg, context, settings, config, records)
         return site.train(msg, settings, config, site.site_records(context, config))
 
     return app

@@ -115,12 +115,27 @@ class FederationConfig:
 
 
 @dataclass
+class SecAggConfig:
+    enabled: bool = True
+    # Neighbours per site in the SecAgg+ graph; null: about 2·log2(n), even, ≤ n − 1.
+    neighbours: Optional[int] = None
+    # Neighbours that must survive to unmask; null: a majority of the neighbours.
+    threshold: Optional[int] = None
+    bits: int = 32
+    # Each coordinate of a site's delta is clipped to [-clip_range, clip_range] before quantising.
+    clip_range: float = 1.0
+    # Upper bound on a site's weight (its record count) inside the masked vector.
+    max_weight: int = 100000
+
+
+@dataclass
 class FedtuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     # Where outputs go; null means Hydra's run directory (or ./runs/<time> outside Hydra).
     run_dir: Optional[str] = None
     log_level: str = "INFO"
@@ -197,6 +212,9 @@ def validate(cfg: FedtuneConfig) -> None:
         _require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
                  "Give a JSONL file with one record per line.")
 
+    if cfg.secagg.enabled:
+        validate_secagg(cfg)
+
     lora = m.lora
     _require(lora.rank >= 1, "model.lora.rank", f"{lora.rank} < 1", "Use a rank such as 8.")
     _require(lora.alpha > 0, "model.lora.alpha", f"{lora.alpha} is not positive", "Use e.g. 2 × rank.")
@@ -221,6 +239,33 @@ def validate(cfg: FedtuneConfig) -> None:
              f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")
 
 
+def secagg_parameters(cfg: FedtuneConfig, num_sites: int) -> tuple[int, int]:
+    """(neighbours k, threshold t) for a round among ``num_sites`` sites."""
+    from fedtune.secagg.protocol import default_neighbours
+
+    k = min(cfg.secagg.neighbours if cfg.secagg.neighbours is not None else default_neighbours(num_sites),
+            num_sites - 1)
+    t = cfg.secagg.threshold if cfg.secagg.threshold is not None else k // 2 + 1
+    return k, min(t, k)
+
+
+def validate_secagg(cfg: FedtuneConfig) -> None:
+    from fedtune.secagg.masks import Quantizer
+
+    s, n = cfg.secagg, cfg.federation.num_sites
+    _require(n >= 3, "secagg.enabled", f"secure aggregation needs at least 3 sites, got {n}",
+             "Use federation.num_sites >= 3, or secagg.enabled=false.")
+    if s.neighbours is not None:
+        _require(s.neighbours >= 2 and s.neighbours % 2 == 0, "secagg.neighbours",
+                 f"{s.neighbours} is not an even number ≥ 2", "Use an even k such as 6, or null for ~2·log2(n).")
+    k, _ = secagg_parameters(cfg, n)
+    if s.threshold is not None:
+        _require(2 <= s.threshold <= k, "secagg.threshold", f"{s.threshold} is not between 2 and neighbours={k}",
+                 f"Use a threshold in 2..{k} (a majority, {k // 2 + 1}, is the usual choice).")
+    _require(s.max_weight >= 1, "secagg.max_weight", f"{s.max_weight} < 1", "Use at least the largest site's record count.")
+    Quantizer(bits=s.bits, clip_range=s.clip_range, max_weight=s.max_weight, num_sites=n).check()
+
+
 def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_records: int) -> None:
     """Checks that need the partitioned data; run before any training starts."""
     f, p = cfg.federation, cfg.privacy
@@ -230,6 +275,10 @@ def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_recor
     empty = [i for i, n in enumerate(site_sizes) if n == 0]
     _require(not empty, "federation.num_sites", f"sites {empty} received no records from the partitioner",
              "Use fewer sites, a larger data.dirichlet_alpha, or data.partition=iid.")
+    if cfg.secagg.enabled:
+        _require(max(site_sizes) <= cfg.secagg.max_weight, "secagg.max_weight",
+                 f"a site holds {max(site_sizes)} records, above the masked weight bound {cfg.secagg.max_weight}",
+                 f"Set secagg.max_weight to at least {max(site_sizes)}.")
     if p.enabled:
         largest = max(site_sizes)
         _require(p.delta < 1.0 / largest, "privacy.delta",

@@ -36,6 +36,7 @@ def tiny_config(run_dir: Path, **changes: object) -> FedtuneConfig:
     cfg.privacy.noise_multiplier = 1.0
     cfg.train.local_steps = 3
     cfg.train.seed = 0
+    cfg.secagg.enabled = False
     for dotted, value in changes.items():
         section, _, name = dotted.partition("__")
         setattr(getattr(cfg, section), name, value) if name else setattr(cfg, section, value)
@@ -66,6 +67,7 @@ class InProcessGrid:
         }
         self.drop = drop or set()
         self.sent: list[Message] = []
+        self.received: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -75,7 +77,16 @@ class InProcessGrid:
         for msg in messages:
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            if node in self.drop and msg.metadata.message_type == "train":
+            if node in self.drop and self._is_update_stage(msg):
                 continue
             replies.append(self.app(msg, self.contexts[node]))
+        self.received.extend(replies)
         return replies
+
+    @staticmethod
+    def _is_update_stage(msg: Message) -> bool:
+        """The plain train message, or secure aggregation's masked-input stage."""
+        if msg.metadata.message_type != "train":
+            return False
+        stage = msg.content.config_records.get("secagg")
+        return stage is None or stage["stage"] == "mask"

@@ -13,6 +13,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -73,38 +74,40 @@ def describe(msg: Message, site: SiteSettings) -> Message:
     return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
 
 
-def _refusal(msg: Message, reason: str, spent: float) -> Message:
+def refusal(msg: Message, reason: str, spent: float) -> Message:
     log.info("refusing round: %s", reason)
     status = ConfigRecord({"status": protocol.STATUS_REFUSED, "reason": reason, "epsilon_spent": float(spent)})
     return Message(RecordDict({protocol.STATUS: status}), reply_to=msg)
 
 
-def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record]) -> Message:
-    """Handle one ``train`` message: refuse, or charge, train and return n·Δ and n."""
+def budget_refusal(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLedger) -> Optional[str]:
+    """Why this site must refuse the round, or None if it can afford it."""
+    if not site.require_privacy:
+        return None
+    if not rc.private or rc.noise_multiplier <= 0:
+        return f"{site.name} requires DP but round {rc.round} asks for a non-private update"
+    decision = ledger.check(site.name, charge_of(rc), site.budget_epsilon, site.delta)
+    if decision.allowed:
+        return None
+    return (f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
+            f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})")
+
+
+def charge_of(rc: protocol.RoundConfig) -> Charge:
+    return Charge(round=rc.round, noise_multiplier=rc.noise_multiplier if rc.private else 0.0,
+                  sample_rate=rc.sample_rate, steps=rc.local_steps)
+
+
+def local_update(rc: protocol.RoundConfig, global_state: dict, site: SiteSettings, cfg: FedtuneConfig,
+                 records: list[Record], ledger: PrivacyLedger) -> tuple[dict, float, dict]:
+    """Charge durably, then train; returns (Δ over the aggregated tensors, weight n, metrics)."""
     started = time.perf_counter()
-    rc = protocol.RoundConfig.from_record(msg.content[protocol.ROUND_CONFIG])  # type: ignore[arg-type]
-    ledger = PrivacyLedger(site.ledger_path, accountant=site.accountant)
-    charge = Charge(round=rc.round, noise_multiplier=rc.noise_multiplier if rc.private else 0.0,
-                    sample_rate=rc.sample_rate, steps=rc.local_steps)
-    if site.require_privacy:
-        if not rc.private or rc.noise_multiplier <= 0:
-            return _refusal(msg, f"{site.name} requires DP but round {rc.round} asks for a non-private update",
-                            ledger.epsilon(site.name, site.delta))
-        decision = ledger.check(site.name, charge, site.budget_epsilon, site.delta)
-        if not decision.allowed:
-            return _refusal(
-                msg,
-                f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
-                f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})",
-                decision.epsilon_before,
-            )
     # Charge first, durably: from here on the update may leave this site.
-    ledger.charge(site.name, charge)
+    ledger.charge(site.name, charge_of(rc))
     epsilon_now = ledger.epsilon(site.name, site.delta)
 
     torch.set_num_threads(cfg.train.torch_threads)
     model, tokenizer = build_lora_model(cfg.model)
-    global_state = adapters.from_array_record(msg.content[protocol.GLOBAL_ADAPTER])  # type: ignore[arg-type]
     adapters.load_lora_state(model, global_state)
     trained = lora_parameter_names(model, only_b=(rc.strategy == "ffa"))
     set_trainable(model, trained)
@@ -117,7 +120,6 @@ def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Re
         steps=rc.local_steps, learning_rate=rc.learning_rate, optimizer=rc.optimizer, private=rc.private,
     )
     result = train_locally(model, examples, params, tokenizer.pad_token_id, seed=sample_seed, noise_seed=noise_seed)
-    train_seconds = time.perf_counter() - started
 
     local_state = adapters.lora_state(model, trained)
     delta = adapters.subtract(local_state, {n: global_state[n] for n in trained})
@@ -127,20 +129,29 @@ def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Re
     if delta_norm == 0.0:
         # Opacus issue #820: a model moved after hooks were attached trains nothing.
         raise RuntimeError(f"{site.name}: the adapter delta is exactly zero; the LoRA parameters were not updated")
-    weight = float(len(records))
-    update = adapters.scale(delta, weight)
     log.info("%s round %d: %d steps (%d empty), loss %.4f, |Δ| %.4f, ε %.3f", site.name, rc.round,
              result.steps, result.empty_batches, result.mean_loss, delta_norm, epsilon_now)
-    metrics = MetricRecord({
-        "weight": weight,
+    metrics = {
         "train_loss": float(result.mean_loss) if math.isfinite(result.mean_loss) else -1.0,
         "epsilon": float(epsilon_now) if math.isfinite(epsilon_now) else -1.0,
         "empty_batches": int(result.empty_batches),
-        "train_seconds": float(train_seconds),
-    })
+        "train_seconds": float(time.perf_counter() - started),
+    }
+    return delta, float(len(records)), metrics
+
+
+def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record]) -> Message:
+    """Handle one plain ``train`` message: refuse, or charge, train and return n·Δ and n."""
+    rc = protocol.RoundConfig.from_record(msg.content[protocol.ROUND_CONFIG])  # type: ignore[arg-type]
+    ledger = PrivacyLedger(site.ledger_path, accountant=site.accountant)
+    reason = budget_refusal(rc, site, ledger)
+    if reason is not None:
+        return refusal(msg, reason, ledger.epsilon(site.name, site.delta))
+    global_state = adapters.from_array_record(msg.content[protocol.GLOBAL_ADAPTER])  # type: ignore[arg-type]
+    delta, weight, metrics = local_update(rc, global_state, site, cfg, records, ledger)
     content = RecordDict({
-        protocol.UPDATE: adapters.to_array_record(update),
-        protocol.METRICS: metrics,
+        protocol.UPDATE: adapters.to_array_record(adapters.scale(delta, weight)),
+        protocol.METRICS: MetricRecord({"weight": weight, **metrics}),
         protocol.STATUS: ConfigRecord({"status": protocol.STATUS_OK}),
     })
     return Message(content, reply_to=msg)

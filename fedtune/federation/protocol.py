@@ -52,3 +52,12 @@ class RoundConfig:
             strategy=str(record["strategy"]),
             private=bool(record["private"]),
         )
+
+# Secure aggregation (fedtune.secagg): the stage travels in the SECAGG record.
+SECAGG = "secagg"
+KEYS = "neighbour_keys"
+SHARES = "shares"
+STAGE_ADVERTISE = "advertise"
+STAGE_SHARE = "share"
+STAGE_MASK = "mask"
+STAGE_UNMASK = "unmask"

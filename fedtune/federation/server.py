@@ -54,6 +54,63 @@ class ServerSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class RoundOutcome:
+    """What one round's aggregation step yields, with or without secure aggregation."""
+
+    weighted_sum: Optional[dict[str, np.ndarray]] = None  # Σ n_i Δ_i, or None if nothing usable
+    total_weight: float = 0.0
+    participants: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    local_train_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig, global_state: dict,
+                spec: adapters.UpdateSpec, ledger: PrivacyLedger, timeout: Optional[float]) -> RoundOutcome:
+    """One round without secure aggregation: the server sees each n_i·Δ_i."""
+    charge = _charge_of(rc)
+    content = {protocol.GLOBAL_ADAPTER: adapters.to_array_record(global_state),
+               protocol.ROUND_CONFIG: rc.to_record()}
+    messages = [Message(RecordDict(dict(content)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
+                for s in selected]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    out = RoundOutcome()
+    updates: list[tuple[dict[str, np.ndarray], float]] = []
+    for site in selected:
+        reply = replies.get(site.node_id)
+        if reply is None or reply.has_error():
+            reason = "no reply" if reply is None else reply.error.reason
+            log.warning("%s failed in round %d (%s); charging it, as its update may have left", site.name,
+                        rc.round, reason)
+            ledger.charge(site.name, charge)
+            out.failures.append(site.name)
+            continue
+        status = reply.content[protocol.STATUS]
+        if status["status"] == protocol.STATUS_REFUSED:
+            log.info("%s refused round %d: %s", site.name, rc.round, status["reason"])
+            out.refusals.append(site.name)
+            continue
+        ledger.charge(site.name, charge)
+        try:
+            metrics = reply.content[protocol.METRICS]
+            state = adapters.validate_update(reply.content[protocol.UPDATE], float(metrics["weight"]), spec)
+        except (adapters.UpdateRejected, KeyError, TypeError, ValueError) as exc:
+            log.error("rejected the update of %s in round %d: %s; it is not aggregated", site.name, rc.round, exc)
+            out.failures.append(site.name)
+            continue
+        updates.append((state, float(metrics["weight"])))
+        out.participants.append(site.name)
+        out.local_train_seconds += float(metrics["train_seconds"])
+        if float(metrics["train_loss"]) >= 0:
+            out.train_losses.append(float(metrics["train_loss"]))
+    if updates:
+        out.weighted_sum, out.total_weight = adapters.sum_updates(updates)
+    return out
+
+
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -184,55 +241,27 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                           key=lambda s: s.name)
 
         round_started = time.perf_counter()
-        content_template = {protocol.GLOBAL_ADAPTER: adapters.to_array_record(global_state),
-                            protocol.ROUND_CONFIG: rc.to_record()}
-        messages = [Message(RecordDict(dict(content_template)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
-                    for s in selected]
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=round_timeout_s)}
+        if cfg.secagg.enabled:
+            from fedtune.federation.secure_server import secure_round
 
-        updates: list[tuple[dict[str, np.ndarray], float]] = []
-        participants, refusals, failures, train_losses = [], [], [], []
-        local_train_seconds = 0.0
+            outcome = secure_round(grid, selected, cfg, rc, global_state, aggregated, ledger, round_timeout_s)
+        else:
+            outcome = plain_round(grid, selected, rc, global_state, spec, ledger, round_timeout_s)
         for site in selected:
-            reply = replies.get(site.node_id)
-            if reply is None or reply.has_error():
-                reason = "no reply" if reply is None else reply.error.reason
-                log.warning("%s failed in round %d (%s); charging it, as its update may have left", site.name,
-                            round_number, reason)
-                ledger.charge(site.name, charge)
-                failures.append(site.name)
-                continue
-            status = reply.content[protocol.STATUS]
-            if status["status"] == protocol.STATUS_REFUSED:
-                log.info("%s refused round %d: %s", site.name, round_number, status["reason"])
+            if site.name in outcome.refusals:
                 site.refused = True
-                refusals.append(site.name)
-                continue
-            ledger.charge(site.name, charge)
-            metrics = reply.content[protocol.METRICS]
-            try:
-                state = adapters.validate_update(reply.content[protocol.UPDATE], float(metrics["weight"]), spec)
-            except (adapters.UpdateRejected, KeyError, TypeError, ValueError) as exc:
-                log.error("rejected the update of %s in round %d: %s; it is not aggregated", site.name,
-                          round_number, exc)
-                failures.append(site.name)
-                continue
-            updates.append((state, float(metrics["weight"])))
-            participants.append(site.name)
-            local_train_seconds += float(metrics["train_seconds"])
-            if float(metrics["train_loss"]) >= 0:
-                train_losses.append(float(metrics["train_loss"]))
 
         aggregation_started = time.perf_counter()
-        if updates:
-            weighted_sum, total_weight = adapters.sum_updates(updates)
-            mean_delta = strategy.aggregate(weighted_sum, total_weight)
+        if outcome.weighted_sum is not None:
+            mean_delta = strategy.aggregate(outcome.weighted_sum, outcome.total_weight)
             global_state = strategy.apply(global_state, mean_delta)
             save_checkpoint(run_dir / "checkpoint", round_number, global_state)
             save_adapter(model, global_state, run_dir / "adapters" / f"round_{round_number:03d}")
         else:
-            log.warning("round %d produced no valid update; the global adapter is unchanged", round_number)
+            log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
         aggregation_seconds = time.perf_counter() - aggregation_started
+        participants, refusals, failures = outcome.participants, outcome.refusals, outcome.failures
+        train_losses, local_train_seconds = outcome.train_losses, outcome.local_train_seconds
 
         eval_started = time.perf_counter()
         adapters.load_lora_state(model, global_state)
@@ -252,6 +281,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             "aggregation_seconds": aggregation_seconds,
             "eval_seconds": eval_seconds,
             "local_train_seconds": local_train_seconds,
+            **outcome.extra,
         }
         append_jsonl(run_dir / "metrics.jsonl", row)
         rows.append(row)

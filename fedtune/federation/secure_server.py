@@ -1,0 +1,172 @@
+"""The server's half of a secure-aggregation round, on Flower's Grid.
+
+Four round trips (advertise, share, mask = train, unmask).  The server only ever holds
+public keys, ciphertexts it cannot open, masked vectors, and for each site *either*
+self-mask shares (it survived) *or* mask-key shares (it dropped), never both.  Charges:
+every site that was sent the masked-input stage and did not refuse is charged, since its
+masked update may have left even if its reply was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedtune import adapters
+from fedtune.config import FedtuneConfig, secagg_parameters
+from fedtune.federation import protocol
+from fedtune.privacy.accounting import Charge
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.secagg import protocol as secagg
+from fedtune.secagg.masks import Quantizer
+
+if TYPE_CHECKING:
+    from fedtune.federation.server import RoundOutcome, SiteInfo
+
+log = logging.getLogger(__name__)
+
+
+def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage: dict,
+          timeout: Optional[float], per_node: Optional[dict[int, dict]] = None) -> dict[int, Message]:
+    """One stage to many nodes in one round trip; ``per_node`` adds node-specific stage fields."""
+    messages = []
+    for node, records in contents.items():
+        records = dict(records)
+        records[protocol.ROUND_CONFIG] = rc.to_record()
+        records[protocol.SECAGG] = ConfigRecord({**stage, **(per_node or {}).get(node, {})})
+        messages.append(Message(RecordDict(records), dst_node_id=node, message_type=protocol.TRAIN))
+    replies = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("node %d failed the %s stage: %s", reply.metadata.src_node_id, stage["stage"],
+                        reply.error.reason)
+            continue
+        replies[reply.metadata.src_node_id] = reply
+    return replies
+
+
+def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc: protocol.RoundConfig,
+                 global_state: dict, names: list[str], ledger: PrivacyLedger,
+                 timeout: Optional[float]) -> "RoundOutcome":
+    from fedtune.federation.server import RoundOutcome
+
+    out = RoundOutcome()
+    charge = Charge(round=rc.round, noise_multiplier=rc.noise_multiplier, sample_rate=rc.sample_rate,
+                    steps=rc.local_steps)
+    index = {s.node_id: i + 1 for i, s in enumerate(selected)}
+    by_index = {i: s for s, i in ((s, index[s.node_id]) for s in selected)}
+
+    # Stage 1: advertise keys (a site over budget refuses here, before any secret exists).
+    replies = _send(grid, {s.node_id: {} for s in selected}, rc, {"stage": protocol.STAGE_ADVERTISE}, timeout,
+                    per_node={s.node_id: {"index": index[s.node_id]} for s in selected})
+    public: dict[int, tuple[bytes, bytes]] = {}
+    for s in selected:
+        reply = replies.get(s.node_id)
+        if reply is None:
+            out.failures.append(s.name)
+            continue
+        status = reply.content[protocol.STATUS]
+        if status["status"] == protocol.STATUS_REFUSED:
+            log.info("%s refused round %d: %s", s.name, rc.round, status["reason"])
+            out.refusals.append(s.name)
+            continue
+        keys = reply.content[protocol.SECAGG]
+        public[index[s.node_id]] = (bytes(keys["enc_pk"]), bytes(keys["mask_pk"]))
+
+    k, t = secagg_parameters(cfg, len(public))
+    if len(public) < 3 or len(public) < t + 1:
+        log.warning("round %d abandoned: only %d sites advertised keys (secure aggregation needs at least 3 "
+                    "and more than the threshold %d); nothing was trained", rc.round, len(public), t)
+        return out
+    graph = secagg.neighbour_graph(sorted(public), k, seed=rc.round)
+
+    # Stage 2: share keys.
+    contents = {}
+    for i in public:
+        keys = {}
+        for j in graph[i]:
+            keys[f"{j}.enc"], keys[f"{j}.mask"] = public[j]
+        contents[by_index[i].node_id] = {protocol.KEYS: ConfigRecord(keys)}
+    replies = _send(grid, contents, rc, {"stage": protocol.STAGE_SHARE, "threshold": t}, timeout)
+    shares = {index[node]: {int(j): bytes(ct) for j, ct in r.content[protocol.SHARES].items()}
+              for node, r in replies.items()}
+    sharers = set(shares)
+    routed = secagg.route_shares({i: {j: ct for j, ct in v.items() if j in sharers} for i, v in shares.items()})
+
+    # Stage 3: masked input (local DP training happens here).
+    quant = Quantizer(bits=cfg.secagg.bits, clip_range=cfg.secagg.clip_range, max_weight=cfg.secagg.max_weight,
+                      num_sites=len(sharers))
+    stage = {"stage": protocol.STAGE_MASK, "bits": quant.bits, "clip_range": quant.clip_range,
+             "max_weight": quant.max_weight, "num_sites": quant.num_sites}
+    adapter = adapters.to_array_record(global_state)
+    contents = {by_index[i].node_id: {protocol.GLOBAL_ADAPTER: adapter,
+                                      protocol.SHARES: ConfigRecord({str(j): ct for j, ct in routed.get(i, {}).items()})}
+                for i in sorted(sharers)}
+    replies = _send(grid, contents, rc, stage, timeout)
+    length = sum(int(np.prod(global_state[n].shape)) for n in names) + 1
+    masked: dict[int, np.ndarray] = {}
+    for i in sorted(sharers):
+        site = by_index[i]
+        reply = replies.get(site.node_id)
+        if reply is not None and reply.content[protocol.STATUS]["status"] == protocol.STATUS_REFUSED:
+            out.refusals.append(site.name)
+            continue
+        ledger.charge(site.name, charge)
+        if reply is None:
+            log.warning("%s dropped out of round %d after the share stage; recovering its masks", site.name,
+                        rc.round)
+            out.failures.append(site.name)
+            continue
+        try:
+            vector = reply.content[protocol.UPDATE]["masked"]
+            if tuple(vector.shape) != (length,) or vector.dtype != np.dtype(quant_dtype(quant)).name:
+                raise ValueError(f"masked vector of shape {tuple(vector.shape)} and dtype {vector.dtype}, expected "
+                                 f"({length},) {np.dtype(quant_dtype(quant)).name}")
+            if len(vector.data) > cfg.federation.max_update_bytes:
+                raise ValueError(f"payload of {len(vector.data)} bytes exceeds the limit")
+            masked[i] = vector.numpy()
+            out.local_train_seconds += float(reply.content[protocol.METRICS]["train_seconds"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("rejected the masked update of %s in round %d: %s; treated as a dropout", site.name,
+                      rc.round, exc)
+            out.failures.append(site.name)
+
+    # Stage 4: unmask.
+    survivors = set(masked)
+    # Index 0 is never a site; it keeps the lists non-empty for ConfigRecord.
+    sets = {by_index[i].node_id: {"survivors": [0] + [j for j in graph[i] if j in survivors],
+                                  "dropped": [0] + [j for j in graph[i] if j in sharers and j not in survivors]}
+            for i in survivors}
+    replies = _send(grid, {n: {} for n in sets}, rc, {"stage": protocol.STAGE_UNMASK}, timeout, per_node=sets)
+    seed_shares: dict[int, dict[int, bytes]] = {}
+    key_shares: dict[int, dict[int, bytes]] = {}
+    for node, reply in replies.items():
+        holder = index[node]
+        for j, share in reply.content["seed_shares"].items():
+            seed_shares.setdefault(int(j), {})[holder] = bytes(share)
+        for j, share in reply.content["key_shares"].items():
+            key_shares.setdefault(int(j), {})[holder] = bytes(share)
+    try:
+        ring_sum = secagg.unmask_sum(masked, sharers, graph, public, seed_shares, key_shares, t, rc.round,
+                                     quant.bits)
+    except secagg.RoundAbandoned as exc:
+        log.error("round %d abandoned: %s; no partial sum is used, the sites' charges stay", rc.round, exc)
+        out.failures.extend(by_index[i].name for i in survivors)
+        return out
+    weighted, total = quant.decode_sum(ring_sum)
+    shapes = {n: tuple(global_state[n].shape) for n in names}
+    out.weighted_sum = adapters.unflatten(weighted, shapes, sorted(names))
+    out.total_weight = total
+    out.participants = sorted(by_index[i].name for i in survivors)
+    out.extra["quantization_error_bound"] = quant.sum_error_bound / max(total, 1.0)
+    return out
+
+
+def quant_dtype(quant: Quantizer) -> type:
+    from fedtune.secagg.masks import ring_dtype
+
+    return ring_dtype(quant.bits)
