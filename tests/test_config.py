@@ -104,3 +104,19 @@ def test_private_run_needs_noise() -> None:
     cfg = FedtuneConfig()
     cfg.privacy.noise_multiplier = 0.0
     assert "privacy.enabled=false" in _fails(cfg, "privacy.noise_multiplier")
+
+
+def test_secagg_fields() -> None:
+    cfg = FedtuneConfig()
+    cfg.secagg.threshold = 9  # 5 sites: at most 4 neighbours
+    assert "between 2 and neighbours=4" in _fails(cfg, "secagg.threshold")
+    cfg = FedtuneConfig()
+    cfg.secagg.bits = 16
+    cfg.secagg.clip_range = 10.0
+    cfg.secagg.max_weight = 1000
+    assert "could wrap a 16-bit ring" in _fails(cfg, "secagg.bits")
+    cfg = FedtuneConfig()
+    cfg.federation.num_sites = 2
+    assert "at least 3 sites" in _fails(cfg, "secagg.enabled")
+    cfg.secagg.enabled = False
+    validate(cfg)
