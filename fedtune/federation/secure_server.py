@@ -22,7 +22,7 @@ from fedtune.federation import protocol
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.secagg import protocol as secagg
-from fedtune.secagg.masks import Quantizer
+from fedtune.secagg.masks import Quantizer, ring_dtype
 
 if TYPE_CHECKING:
     from fedtune.federation.server import RoundOutcome, SiteInfo
@@ -123,9 +123,10 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
             continue
         try:
             vector = reply.content[protocol.UPDATE]["masked"]
-            if tuple(vector.shape) != (length,) or vector.dtype != np.dtype(quant_dtype(quant)).name:
+            expected_dtype = np.dtype(ring_dtype(quant.bits)).name
+            if tuple(vector.shape) != (length,) or vector.dtype != expected_dtype:
                 raise ValueError(f"masked vector of shape {tuple(vector.shape)} and dtype {vector.dtype}, expected "
-                                 f"({length},) {np.dtype(quant_dtype(quant)).name}")
+                                 f"({length},) {expected_dtype}")
             if len(vector.data) > cfg.federation.max_update_bytes:
                 raise ValueError(f"payload of {len(vector.data)} bytes exceeds the limit")
             masked[i] = vector.numpy()
@@ -165,8 +166,3 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
     out.extra["quantization_error_bound"] = quant.sum_error_bound / max(total, 1.0)
     return out
 
-
-def quant_dtype(quant: Quantizer) -> type:
-    from fedtune.secagg.masks import ring_dtype
-
-    return ring_dtype(quant.bits)
