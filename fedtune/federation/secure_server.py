@@ -52,13 +52,13 @@ def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage
 def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc: protocol.RoundConfig,
                  global_state: dict, names: list[str], ledger: PrivacyLedger,
                  timeout: Optional[float]) -> "RoundOutcome":
-    from fedtune.federation.server import RoundOutcome
+    from fedtune.federation.server import RoundOutcome, record_refusal
 
     out = RoundOutcome()
     charge = Charge(round=rc.round, noise_multiplier=rc.noise_multiplier, sample_rate=rc.sample_rate,
                     steps=rc.local_steps)
     index = {s.node_id: i + 1 for i, s in enumerate(selected)}
-    by_index = {i: s for s, i in ((s, index[s.node_id]) for s in selected)}
+    by_index = {index[s.node_id]: s for s in selected}
 
     # Stage 1: advertise keys (a site over budget refuses here, before any secret exists).
     replies = _send(grid, {s.node_id: {} for s in selected}, rc, {"stage": protocol.STAGE_ADVERTISE}, timeout,
@@ -69,10 +69,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
         if reply is None:
             out.failures.append(s.name)
             continue
-        status = reply.content[protocol.STATUS]
-        if status["status"] == protocol.STATUS_REFUSED:
-            log.info("%s refused round %d: %s", s.name, rc.round, status["reason"])
-            out.refusals.append(s.name)
+        if record_refusal(reply, s.name, rc.round, out):
             continue
         keys = reply.content[protocol.SECAGG]
         public[index[s.node_id]] = (bytes(keys["enc_pk"]), bytes(keys["mask_pk"]))
@@ -112,8 +109,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
     for i in sorted(sharers):
         site = by_index[i]
         reply = replies.get(site.node_id)
-        if reply is not None and reply.content[protocol.STATUS]["status"] == protocol.STATUS_REFUSED:
-            out.refusals.append(site.name)
+        if reply is not None and record_refusal(reply, site.name, rc.round, out):
             continue
         ledger.charge(site.name, charge)
         if reply is None:

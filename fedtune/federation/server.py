@@ -68,6 +68,16 @@ class RoundOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def record_refusal(reply: Message, site_name: str, round_number: int, out: RoundOutcome) -> bool:
+    """If ``reply`` is a refusal, log it and note it in ``out``; refusals are never charged."""
+    status = reply.content[protocol.STATUS]
+    if status["status"] != protocol.STATUS_REFUSED:
+        return False
+    log.info("%s refused round %d: %s", site_name, round_number, status["reason"])
+    out.refusals.append(site_name)
+    return True
+
+
 def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig, global_state: dict,
                 spec: adapters.UpdateSpec, ledger: PrivacyLedger, timeout: Optional[float]) -> RoundOutcome:
     """One round without secure aggregation: the server sees each n_i·Δ_i."""
@@ -88,10 +98,7 @@ def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig
             ledger.charge(site.name, charge)
             out.failures.append(site.name)
             continue
-        status = reply.content[protocol.STATUS]
-        if status["status"] == protocol.STATUS_REFUSED:
-            log.info("%s refused round %d: %s", site.name, rc.round, status["reason"])
-            out.refusals.append(site.name)
+        if record_refusal(reply, site.name, rc.round, out):
             continue
         ledger.charge(site.name, charge)
         try:
