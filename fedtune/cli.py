@@ -16,7 +16,16 @@ from fedtune.data.records import DataError
 
 log = logging.getLogger("fedtune")
 
-USAGE = """usage: fedtune simulate [OVERRIDE ...] [--multirun]
+USAGE = """usage: fedtune COMMAND [ARGS ...]
+
+commands:
+  simulate          a simulated federation (below)
+  experiment        research harness: `fedtune experiment utility|audit --help`
+  init-federation   operator: create the CA, SuperLink certificate and site enrolment kits
+  server            operator: start the SuperLink and submit the fedtune run
+  client            site: start this site's SuperNode from its site config
+
+fedtune simulate [OVERRIDE ...] [--multirun]
 
   Runs a simulated federation (Flower simulation engine) configured by Hydra.
   Examples:
@@ -26,6 +35,16 @@ USAGE = """usage: fedtune simulate [OVERRIDE ...] [--multirun]
     fedtune simulate --multirun privacy.target_epsilon=1,4,8
   Show the composed config: fedtune simulate --cfg job
 """
+
+
+# Sub-commands other than `simulate` live next to the code they drive; each entry is
+# "module:function" taking the remaining argv.
+SUBCOMMANDS: dict[str, str] = {
+    "experiment": "fedtune.experiments.cli:main",
+    "init-federation": "fedtune.deploy.cli:init_federation_main",
+    "server": "fedtune.deploy.cli:server_main",
+    "client": "fedtune.deploy.cli:client_main",
+}
 
 
 def config_dir() -> Optional[Path]:
@@ -82,9 +101,16 @@ def main() -> None:
     command, rest = args[0], args[1:]
     if command == "simulate":
         simulate_main(rest)
-    else:
+        return
+    target = SUBCOMMANDS.get(command)
+    if target is None:
         print(f"fedtune: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
+    module_name, function_name = target.split(":")
+    import importlib
+
+    # Imported lazily so that `fedtune client` never pays for the simulation stack.
+    getattr(importlib.import_module(module_name), function_name)(rest)
 
 
 if __name__ == "__main__":
