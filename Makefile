@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/dp_step.py
 	$(PY) benchmarks/demo_time.py
+	$(PY) benchmarks/secagg.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,18 +27,37 @@ def ring_mask(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def mask_stream(key: bytes, purpose: bytes, round_number: int, length: int, bits: int) -> np.ndarray:
-    """``length`` uniform elements of Z_(2^b) from ChaCha20(key, nonce(purpose, round))."""
+def mask_stream(key: bytes, purpose: bytes, round_number: int, length: int, bits: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """``length`` uniform elements of Z_(2^b) from ChaCha20(key, nonce(purpose, round)).
+
+    ``out`` (a contiguous ring vector of that length) is filled instead of a new
+    array: masking adds many streams, and reusing one buffer saves an allocation and
+    a copy per stream.
+    """
     if len(key) != 32:
         raise ValueError("mask keys are 32 bytes")
     dtype = ring_dtype(bits)
+    if out is None:
+        out = np.empty(length, dtype=dtype)
+    elif out.shape != (length,) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous {np.dtype(dtype).name} vector of length {length}")
     nonce = b"\x00" * 4 + hashlib.sha256(purpose + b"/" + str(round_number).encode()).digest()[:12]
     encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    raw = encryptor.update(bytes(length * np.dtype(dtype).itemsize))
-    stream = np.frombuffer(raw, dtype=dtype).copy()
+    encryptor.update_into(bytes(out.nbytes), out.view(np.uint8))  # keystream = encryption of zeros
     if bits not in (32, 64):
-        stream &= dtype(ring_mask(bits))
-    return stream
+        out &= dtype(ring_mask(bits))
+    return out
+
+
+def reduce_in_place(vector: np.ndarray, bits: int) -> np.ndarray:
+    """Reduce mod 2^b a vector accumulated with wrap-around in its 32/64-bit dtype.
+
+    Since 2^b divides 2^32 (2^64), sums and differences may be reduced once, at the end.
+    """
+    if bits not in (32, 64):
+        vector &= ring_dtype(bits)(ring_mask(bits))
+    return vector
 
 
 def ring_add(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
@@ -95,13 +114,18 @@ class Quantizer:
         """Ring vector [q(n·clip(Δ)) ..., n] of length len(Δ) + 1."""
         if not 0 < weight <= self.max_weight or int(weight) != weight:
             raise ValueError(f"weight {weight} must be an integer in 1..secagg.max_weight={self.max_weight}")
-        clipped = np.clip(delta.astype(np.float64), -self.clip_range, self.clip_range)
-        scaled = clipped * weight * self.scale
-        rng = np.random.default_rng(secrets.randbits(128))
-        rounded = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
-        values = np.append(rounded, np.int64(weight))
-        dtype = ring_dtype(self.bits)
-        return (values.astype(np.uint64) & np.uint64(ring_mask(self.bits))).astype(dtype)
+        # float64 throughout: n·scale·r reaches 2^31, beyond float32's exact integers.
+        scaled = np.array(delta, dtype=np.float64, copy=True).reshape(-1)
+        np.clip(scaled, -self.clip_range, self.clip_range, out=scaled)
+        scaled *= float(weight * self.scale)
+        scaled += np.random.default_rng(secrets.randbits(128)).random(scaled.shape)
+        np.floor(scaled, out=scaled)
+        values = np.empty(len(scaled) + 1, dtype=np.int64)
+        values[:-1] = scaled
+        values[-1] = weight
+        # Two's complement: the cast to an unsigned dtype is the reduction mod 2^32 / 2^64.
+        ring = values.view(np.uint64) if self.bits > 32 else values.astype(np.uint32)
+        return reduce_in_place(ring, self.bits)
 
     def decode_sum(self, ring_sum: np.ndarray) -> tuple[np.ndarray, float]:
         """(Σ n_i Δ_i, Σ n_i) from the unmasked ring sum."""

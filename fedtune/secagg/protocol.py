@@ -24,7 +24,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 
 from fedtune.secagg import crypto, shamir
-from fedtune.secagg.masks import mask_stream, ring_add, ring_dtype, ring_sub
+from fedtune.secagg.masks import mask_stream, reduce_in_place, ring_dtype
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,15 @@ def mask_input(site: SiteSecrets, vector: np.ndarray, received: dict[int, bytes]
     Only neighbours that completed the share stage (those in ``received``) mask with us.
     """
     site.received = dict(received)
-    masked = ring_add(vector, mask_stream(site.self_seed, SELF_MASK, round_number, len(vector), bits), bits)
+    # Accumulate in place, with one scratch buffer for the streams, and reduce once.
+    masked = np.array(vector, dtype=ring_dtype(bits), copy=True)
+    stream = np.empty_like(masked)
+    np.add(masked, mask_stream(site.self_seed, SELF_MASK, round_number, len(masked), bits, out=stream), out=masked)
     for j in sorted(received):
-        stream = mask_stream(_pair_key(site.mask.private, site.neighbour_keys[j][1]), PAIR_MASK, round_number,
-                             len(vector), bits)
-        masked = ring_add(masked, stream, bits) if j > site.index else ring_sub(masked, stream, bits)
-    return masked
+        mask_stream(_pair_key(site.mask.private, site.neighbour_keys[j][1]), PAIR_MASK, round_number, len(masked),
+                    bits, out=stream)
+        (np.add if j > site.index else np.subtract)(masked, stream, out=masked)
+    return reduce_in_place(masked, bits)
 
 
 def unmask(site: SiteSecrets, survivors: set[int], dropped: set[int], round_number: int
@@ -191,13 +194,14 @@ def unmask_sum(masked: dict[int, np.ndarray], sharers: set[int], graph: dict[int
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=ring_dtype(bits))
     for vector in masked.values():
-        total = ring_add(total, vector, bits)
+        np.add(total, vector, out=total)
+    stream = np.empty_like(total)
     for i in sorted(survivors):
         shares = seed_shares.get(i, {})
         if len(shares) < threshold:
             raise RoundAbandoned(f"site {i}: {len(shares)} self-mask shares, {threshold} needed")
         seed = shamir.combine(shares, threshold)
-        total = ring_sub(total, mask_stream(seed, SELF_MASK, round_number, length, bits), bits)
+        np.subtract(total, mask_stream(seed, SELF_MASK, round_number, length, bits, out=stream), out=total)
     for j in sorted(dropped):
         shares = key_shares.get(j, {})
         if len(shares) < threshold:
@@ -208,7 +212,7 @@ def unmask_sum(masked: dict[int, np.ndarray], sharers: set[int], graph: dict[int
         for i in graph[j]:
             if i not in survivors:
                 continue
-            stream = mask_stream(_pair_key(private, public_keys[i][1]), PAIR_MASK, round_number, length, bits)
+            mask_stream(_pair_key(private, public_keys[i][1]), PAIR_MASK, round_number, length, bits, out=stream)
             # Survivor i added +stream if j > i, else −stream; undo it.
-            total = ring_sub(total, stream, bits) if j > i else ring_add(total, stream, bits)
-    return total
+            (np.subtract if j > i else np.add)(total, stream, out=total)
+    return reduce_in_place(total, bits)

@@ -1,0 +1,404 @@
+"""Secure aggregation cost: fedtune's SecAgg+ beside Flower's SecAgg+ and plain aggregation.
+
+One run, same inputs, side by side (the machine is noisy; read the ratios, not the
+absolute times).  For each federation size n, every site holds a float32 LoRA delta
+of ``--entries`` entries and a weight (record count); 10% of the sites drop out.
+
+What is measured, per implementation:
+  client   per-site seconds of each stage: advertise (key generation), share (Shamir
+           shares + their encryption; key agreement for the share keys), mask
+           (quantise + derive pairwise keys + add masks; for Flower also decrypting the
+           shares it received, which it does in this stage), unmask (the site's reply:
+           decrypt/select shares), and their total.  Median over the timed sites.
+  server   seconds to turn the masked vectors into the weighted sum: add the masked
+           vectors, rebuild the seeds / keys from the shares, remove the masks,
+           dequantise.  Two dropout cases, same masked inputs:
+             after  the 10% sent their masked input, then vanished before unmasking
+                    (the server removes every site's self mask);
+             before the 10% shared keys, then vanished during training (their
+                    masked input never arrives; the server rebuilds their mask keys
+                    and removes their pairwise masks from each surviving neighbour).
+  bytes    what one site sends over the whole round: the Flower RecordDict of every
+           reply, serialised the way Flower ships it
+           (``flwr.common.serde.recorddict_to_proto(content).ByteSize()``), summed
+           over stages, "after" case; beside the plain site's one reply (float32 n·Δ
+           in an ArrayRecord, its metrics and status).
+
+fedtune: the functions of ``fedtune.secagg.protocol`` that ``secure_client`` and
+``secure_server`` call, with replies built as those modules build them.
+Flower (flwr 1.42): running ``SecAggPlusWorkflow`` + ``secaggplus_mod`` end to end
+for 100 nodes is impractical here, so this drives, in-process, the mod's own stage
+functions (``_setup``, ``_share_keys``, ``_collect_masked_vectors``, ``_unmask``) and,
+for the server, the workflow's unmask arithmetic re-stated step by step with the same
+primitives (``combine_shares``, ``pseudo_rand_gen``, ``generate_shared_key``,
+``parameters_*``, ``dequantize``).  Flower's defaults: ``quantization_range`` 2^22,
+``modulus_range`` 2^32; ``num_shares`` = k + 1 (Flower counts the site itself),
+threshold t; same k, t and clipping range as fedtune.  Not timed for either: the
+ClientApp state save/load between stages, message transport, the local training.
+plain: the server's float64 sum of the survivors' float32 n·Δ (``adapters.sum_updates``).
+
+Every site is simulated (the server needs every masked vector for an exact sum, which
+is checked against the plain sum, and the sites' work is independent, so n = 100 costs
+about a minute of CPU).  The two implementations run interleaved, site by site and
+stage by stage, so load from other jobs hits both alike; client stages are timed on
+every surviving site (or on ``--sample`` random ones; the sites are printed).
+
+Usage: python benchmarks/secagg.py [--quick] [--entries N] [--sites 10,50,100] [--sample S]
+  default: 1M entries, n = 10, 50, 100;  --quick: 100k entries, n = 10, 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (factor_extract, get_parameters_shape,
+                                                                 parameters_addition, parameters_mod,
+                                                                 parameters_subtraction)
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.common.serde import recorddict_to_proto
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from fedtune import adapters
+from fedtune.federation import protocol as msgs
+from fedtune.secagg import protocol
+from fedtune.secagg.masks import Quantizer
+
+# The module, not the function of the same name that its package re-exports.
+fmod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+
+STAGES = ("advertise", "share", "mask", "unmask")
+ROUND = 1
+CLIP = 1.0
+MAX_WEIGHT = 1000
+DROPOUT = 0.1
+
+
+def wire_bytes(content: dict) -> int:
+    return recorddict_to_proto(RecordDict(content)).ByteSize()
+
+
+def ok() -> ConfigRecord:
+    return ConfigRecord({"status": msgs.STATUS_OK})
+
+
+@dataclass
+class Timings:
+    client: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    total: list[float] = field(default_factory=list)
+    bytes_per_site: list[int] = field(default_factory=list)
+    server: dict[str, float] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)
+
+
+def site_delta(n_entries: int, site: int) -> tuple[np.ndarray, int]:
+    rng = np.random.default_rng(site)
+    return rng.normal(0.0, 0.01, n_entries).astype(np.float32), int(rng.integers(50, 500))
+
+
+class Clock:
+    """Accumulates one site's seconds per stage."""
+
+    def __init__(self) -> None:
+        self.spent = {s: 0.0 for s in STAGES}
+
+    def run(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.spent[stage] += time.perf_counter() - start
+        return out
+
+
+# ------------------------------------------------------------------ fedtune
+def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: set[int], res: Timings,
+                plain_sums: dict[str, tuple[np.ndarray, float]]) -> Iterator[None]:
+    """A generator: yields after each site's step, so that main() can interleave the two."""
+    sites = list(range(1, n + 1))
+    graph = protocol.neighbour_graph(sites, k, seed=ROUND)
+    quant = Quantizer(bits=32, clip_range=CLIP, max_weight=MAX_WEIGHT, num_sites=n)
+    quant.check()
+    clocks = {i: Clock() for i in sites}
+    sent = {i: 0 for i in sites}
+    secrets_, public = {}, {}
+    for i in sites:
+        secrets_[i], public[i] = clocks[i].run("advertise", protocol.advertise_keys, i)
+        sent[i] += wire_bytes({msgs.SECAGG: ConfigRecord({"enc_pk": public[i][0], "mask_pk": public[i][1]}),
+                               msgs.STATUS: ok()})
+        yield
+    shares = {}
+    for i in sites:
+        shares[i] = clocks[i].run("share", protocol.share_keys, secrets_[i], {j: public[j] for j in graph[i]}, t,
+                                  ROUND)
+        sent[i] += wire_bytes({msgs.SHARES: ConfigRecord({str(j): ct for j, ct in shares[i].items()}),
+                               msgs.STATUS: ok()})
+        yield
+    routed = protocol.route_shares(shares)
+
+    def mask(i: int, delta: np.ndarray, weight: int) -> np.ndarray:
+        if not np.all(np.isfinite(delta)):  # secure_client checks before masking
+            raise RuntimeError("non-finite delta")
+        return protocol.mask_input(secrets_[i], quant.encode(delta, weight), routed[i], ROUND, quant.bits)
+
+    masked = {}
+    for i in sites:
+        delta, weight = site_delta(entries, i)
+        masked[i] = clocks[i].run("mask", mask, i, delta, weight)
+        sent[i] += wire_bytes({msgs.UPDATE: ArrayRecord(array_dict={"masked": Array(masked[i])}),
+                               msgs.METRICS: MetricRecord({"train_seconds": 1.0}), msgs.STATUS: ok()})
+        yield
+
+    for case, arrived in (("after", set(sites)), ("before", set(sites) - dropped)):
+        answering = arrived - dropped  # sites that reply to the unmask stage
+        seed_shares: dict[int, dict[int, bytes]] = {}
+        key_shares: dict[int, dict[int, bytes]] = {}
+        for i in sorted(answering):
+            survivors = {j for j in graph[i] if j in arrived}
+            gone = {j for j in graph[i] if j not in arrived}
+            if case == "after":
+                s, kk = clocks[i].run("unmask", protocol.unmask, secrets_[i], survivors, gone, ROUND)
+                sent[i] += wire_bytes({"seed_shares": ConfigRecord({str(j): v for j, v in s.items()}),
+                                       "key_shares": ConfigRecord({str(j): v for j, v in kk.items()}),
+                                       msgs.STATUS: ok()})
+            else:
+                s, kk = protocol.unmask(secrets_[i], survivors, gone, ROUND)
+            for j, v in s.items():
+                seed_shares.setdefault(j, {})[i] = v
+            for j, v in kk.items():
+                key_shares.setdefault(j, {})[i] = v
+            yield
+        start = time.perf_counter()
+        ring_sum = protocol.unmask_sum({i: masked[i] for i in arrived}, set(sites), graph, public, seed_shares,
+                                       key_shares, t, ROUND, quant.bits)
+        weighted, total = quant.decode_sum(ring_sum)
+        res.server[case] = time.perf_counter() - start
+        ref_sum, ref_weight = plain_sums[case]
+        assert total == ref_weight, (total, ref_weight)
+        res.error[case] = float(np.max(np.abs(weighted / total - ref_sum / ref_weight)))
+        res.error[case + "_bound"] = quant.sum_error_bound / total
+        yield
+    for i in sorted(timed):
+        for stage in STAGES:
+            res.client[stage].append(clocks[i].spent[stage])
+        res.total.append(sum(clocks[i].spent.values()))
+    res.bytes_per_site = [sent[i] for i in sites if i not in dropped]
+
+
+# ------------------------------------------------------------------ Flower
+def flower_neighbours(nids: list[int], num_shares: int) -> dict[int, set[int]]:
+    """SecAggPlusWorkflow.setup_stage's ring: each node and num_shares // 2 on each side."""
+    order = list(nids)
+    random.Random(ROUND).shuffle(order)
+    half = num_shares >> 1
+    return {nid: {order[(idx + off) % len(order)] for off in range(-half, half + 1)} for idx, nid in enumerate(order)}
+
+
+def run_flower(n: int, entries: int, k: int, t: int, dropped: set[int], timed: set[int], res: Timings,
+               plain_sums: dict[str, tuple[np.ndarray, float]]) -> Iterator[None]:
+    nids = list(range(1, n + 1))
+    num_shares, target_range, mod_range = k + 1, 1 << 22, 1 << 32
+    neighbours = flower_neighbours(nids, num_shares)
+    clocks = {i: Clock() for i in nids}
+    sent = {i: 0 for i in nids}
+
+    def reply(res_: dict, content: RecordDict | None = None) -> int:
+        content = content if content is not None else RecordDict()
+        content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res_)  # the mod passes keep_input=False
+        return recorddict_to_proto(content).ByteSize()
+
+    states, public = {}, {}
+    setup = {Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: num_shares, Key.THRESHOLD: t, Key.CLIPPING_RANGE: CLIP,
+             Key.TARGET_RANGE: target_range, Key.MOD_RANGE: mod_range, Key.MAX_WEIGHT: float(MAX_WEIGHT)}
+    for i in nids:
+        state = fmod.SecAggPlusState()
+        state.nid = i
+        out = clocks[i].run("advertise", fmod._setup, state, ConfigRecord(dict(setup)))
+        states[i], public[i] = state, [out[Key.PUBLIC_KEY_1], out[Key.PUBLIC_KEY_2]]
+        sent[i] += reply(out)
+        yield
+    fwd_ct: dict[int, list[bytes]] = {i: [] for i in nids}
+    fwd_src: dict[int, list[int]] = {i: [] for i in nids}
+    for i in nids:
+        keys = ConfigRecord({str(j): public[j] for j in neighbours[i]})
+        out = clocks[i].run("share", fmod._share_keys, states[i], keys)
+        sent[i] += reply(out)
+        for dst, ct in zip(out[Key.DESTINATION_LIST], out[Key.CIPHERTEXT_LIST]):
+            fwd_ct[dst].append(ct)
+            fwd_src[dst].append(i)
+        yield
+
+    masked: dict[int, list[bytes]] = {}
+    for i in nids:
+        delta, weight = site_delta(entries, i)
+        params = ndarrays_to_parameters([delta])  # what the wrapped ClientApp's fit returned
+        cfg = ConfigRecord({Key.CIPHERTEXT_LIST: fwd_ct[i], Key.SOURCE_LIST: fwd_src[i]})
+        out = clocks[i].run("mask", fmod._collect_masked_vectors, states[i], cfg, weight, params)
+        masked[i] = out[Key.MASKED_PARAMETERS]
+        content = compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), params, weight, {}), keep_input=True)
+        for record in content.array_records.values():
+            record.clear()  # as the mod does: only the masked vector leaves
+        sent[i] += reply(out, content)
+        yield
+
+    for case, arrived in (("after", set(nids)), ("before", set(nids) - dropped)):
+        answering = arrived - dropped
+        collected: dict[int, list[bytes]] = {i: [] for i in nids}
+        for i in sorted(answering):
+            cfg = ConfigRecord({Key.ACTIVE_NODE_ID_LIST: sorted(neighbours[i] & arrived),
+                                Key.DEAD_NODE_ID_LIST: sorted(neighbours[i] - arrived)})
+            if case == "after":
+                out = clocks[i].run("unmask", fmod._unmask, states[i], cfg)
+                sent[i] += reply(out)
+            else:
+                out = fmod._unmask(states[i], cfg)
+            for owner, share in zip(out[Key.NODE_ID_LIST], out[Key.SHARE_LIST]):
+                collected[owner].append(share)
+            yield
+        start = time.perf_counter()
+        # SecAggPlusWorkflow.collect_masked_vectors_stage: sum the masked vectors.
+        vector = None
+        for i in sorted(arrived):
+            arrays = [bytes_to_ndarray(b) for b in masked[i]]
+            vector = arrays if vector is None else parameters_addition(vector, arrays)
+        vector = parameters_mod(vector, mod_range)
+        # SecAggPlusWorkflow.unmask_stage.
+        for nid, share_list in collected.items():
+            if len(share_list) < t:
+                raise RuntimeError(f"Flower: not enough shares for node {nid}")
+            secret = combine_shares(share_list)
+            if nid in arrived:
+                vector = parameters_subtraction(vector, pseudo_rand_gen(secret, mod_range,
+                                                                        get_parameters_shape(vector)))
+            else:
+                for other in neighbours[nid] - {nid}:
+                    shared = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(public[other][0]))
+                    mask = pseudo_rand_gen(shared, mod_range, get_parameters_shape(vector))
+                    vector = (parameters_addition(vector, mask) if nid > other
+                              else parameters_subtraction(vector, mask))
+        vector = parameters_mod(vector, mod_range)
+        q_total_ratio, recon = factor_extract(vector)
+        inv_dq_total_ratio = target_range / q_total_ratio
+        aggregated = dequantize(recon, CLIP, target_range)
+        offset = -(len(arrived) - 1) * CLIP
+        for vec in aggregated:
+            vec += offset
+            vec *= inv_dq_total_ratio
+        res.server[case] = time.perf_counter() - start
+        ref_sum, ref_weight = plain_sums[case]
+        res.error[case] = float(np.max(np.abs(aggregated[0] - ref_sum / ref_weight)))
+        yield
+    for i in sorted(timed):
+        for stage in STAGES:
+            res.client[stage].append(clocks[i].spent[stage])
+        res.total.append(sum(clocks[i].spent.values()))
+    res.bytes_per_site = [sent[i] for i in nids if i not in dropped]
+
+
+# ------------------------------------------------------------------ plain
+def run_plain(n: int, entries: int, dropped: set[int], res: Timings) -> dict[str, tuple[np.ndarray, float]]:
+    """The plain reply's size, the server's sum time, and the reference sums for both cases."""
+    sums = {}
+    for case, arrived in (("after", set(range(1, n + 1))), ("before", set(range(1, n + 1)) - dropped)):
+        updates = []
+        for i in sorted(arrived):
+            delta, weight = site_delta(entries, i)
+            updates.append(({"delta": adapters.scale({"delta": delta}, weight)["delta"]}, float(weight)))
+        if case == "after":
+            update = updates[0][0]
+            res.bytes_per_site = [wire_bytes({
+                msgs.UPDATE: adapters.to_array_record(update),
+                msgs.METRICS: MetricRecord({"weight": 100.0, "train_loss": 1.0, "epsilon": 1.0, "empty_batches": 0,
+                                            "train_seconds": 1.0}),
+                msgs.STATUS: ok()})]
+        start = time.perf_counter()
+        total, weight = adapters.sum_updates(updates)
+        res.server[case] = time.perf_counter() - start
+        sums[case] = (total["delta"], weight)
+        del updates
+    return sums
+
+
+def interleave(*steps: Iterator[None]) -> None:
+    """Run the generators' steps in turn (same stage, same site), so load drifts hit both alike."""
+    live = list(steps)
+    while live:
+        for gen in list(live):
+            if next(gen, StopIteration) is StopIteration:
+                live.remove(gen)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100k entries, n = 10, 20")
+    parser.add_argument("--entries", type=int, default=None)
+    parser.add_argument("--sites", default=None, help="comma-separated federation sizes")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="time the client stages on this many random surviving sites (0: all of them)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.INFO)  # the mod's per-stage DEBUG lines, as in a normal run
+    entries = args.entries or (100_000 if args.quick else 1_000_000)
+    sizes = [int(x) for x in (args.sites or ("10,20" if args.quick else "10,50,100")).split(",")]
+
+    print(f"LoRA delta of {entries:,} float32 entries; {DROPOUT:.0%} of the sites drop out; ring 2^32 "
+          f"(Flower: modulus 2^32, quantisation range 2^22); clipping range {CLIP}, max weight {MAX_WEIGHT}")
+    rows = []
+    for n in sizes:
+        k = protocol.default_neighbours(n)
+        t = k // 2 + 1
+        rng = random.Random(n)
+        dropped = set(rng.sample(range(1, n + 1), max(1, round(DROPOUT * n))))
+        surviving = sorted(set(range(1, n + 1)) - dropped)
+        timed = set(rng.sample(surviving, args.sample) if 0 < args.sample < len(surviving) else surviving)
+        which = f"sites {sorted(timed)}" if len(timed) < len(surviving) else f"all {len(timed)} surviving sites"
+        print(f"\nn={n}: k={k} neighbours, threshold t={t}; dropped sites {sorted(dropped)}; client stages timed "
+              f"on {which}, median (all {n} sites simulated)", flush=True)
+        plain, ours, flower = Timings(), Timings(), Timings()
+        sums = run_plain(n, entries, dropped, plain)
+        interleave(run_fedtune(n, entries, k, t, dropped, timed, ours, sums),
+                   run_flower(n, entries, k, t, dropped, timed, flower, sums))
+        del sums
+        plain_bytes = plain.bytes_per_site[0]
+        for name, r in (("fedtune", ours), ("Flower", flower), ("plain", plain)):
+            per_stage = {s: median(r.client[s]) for s in STAGES}
+            total = median(r.total) if r.total else 0.0
+            b = median(r.bytes_per_site)
+            vs_flower = (per_stage["mask"] / median(flower.client["mask"]), total / median(flower.total))
+            rows.append((n, name, per_stage, total, vs_flower, r.server["after"], r.server["before"], b,
+                         b / plain_bytes))
+        print(f"  max |error| of the decoded mean vs the plain mean (after/before): fedtune "
+              f"{ours.error['after']:.2e}/{ours.error['before']:.2e} (bound {ours.error['after_bound']:.2e}/"
+              f"{ours.error['before_bound']:.2e}); Flower {flower.error['after']:.2e}/{flower.error['before']:.2e}")
+
+    print("\n| n | implementation | advertise ms | share ms | mask ms | unmask ms | client total ms | "
+          "mask, total × Flower | server s (drop after mask) | server s (drop before mask) | bytes/site | × plain |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, name, st, total, vs_flower, after, before, b, vs_plain in rows:
+        if name == "plain":
+            cells = ["—"] * 6
+        else:
+            cells = [f"{st[s] * 1e3:.1f}" for s in STAGES] + [f"{total * 1e3:.1f}",
+                                                                f"{vs_flower[0]:.2f}, {vs_flower[1]:.2f}"]
+        print(f"| {n} | {name} | " + " | ".join(cells) + f" | {after:.3f} | {before:.3f} | {b / 1e6:.3f} MB | "
+              f"{vs_plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
