@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -20,6 +20,9 @@ from fedtune.config import FedtuneConfig, from_dict, validate
 from fedtune.federation import client as site
 from fedtune.federation import protocol, secure_client
 from fedtune.federation.server import ServerSummary, run_server
+
+if TYPE_CHECKING:
+    from fedtune.deploy.site_config import SiteConfig
 
 RUN_CONFIG_KEY = "fedtune-config"
 
@@ -37,38 +40,91 @@ def run_dir_of(cfg: FedtuneConfig) -> Path:
     return Path(cfg.run_dir or "runs/default").resolve()
 
 
+def ensure_logging(level: str) -> None:
+    """Make fedtune's log lines visible in Flower's app processes.
+
+    ``flwr-serverapp`` configures only Flower's own logger, so refusals and rejected
+    updates logged by fedtune would vanish from an operator's ``flwr run --stream`` /
+    SuperLink log without a handler of our own.
+    """
+    logger = logging.getLogger("fedtune")
+    logger.setLevel(level)
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def make_server_app(cfg: Optional[FedtuneConfig] = None,
                     on_done: Optional[Callable[[ServerSummary], None]] = None,
-                    wait_timeout_s: float = 120.0) -> ServerApp:
+                    wait_timeout_s: Optional[float] = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = config_from_context(context, cfg)
-        summary = run_server(grid, config, run_dir_of(config), wait_timeout_s=wait_timeout_s)
+        ensure_logging(config.log_level)
+        fed = config.federation
+        summary = run_server(grid, config, run_dir_of(config),
+                             wait_timeout_s=wait_timeout_s or fed.wait_for_sites_s,
+                             round_timeout_s=fed.round_timeout_s)
         if on_done is not None:
             on_done(summary)
 
     return app
 
 
-def make_client_app(cfg: Optional[FedtuneConfig] = None) -> ClientApp:
+def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["SiteConfig"] = None) -> ClientApp:
+    """The site's ClientApp.
+
+    In simulation a site is a partition of the pooled data and takes its budget from the
+    shared config.  A deployed site (``deployed`` given, see ``fedtune client``) trains on
+    its own data with its own budget and ledger from ``site.yaml``; only the shared
+    training settings come from the server's run config.
+    """
     app = ClientApp()
+    records_cache: dict[tuple, list] = {}
+
+    def settings_and_config(context: Context) -> tuple[site.SiteSettings, FedtuneConfig]:
+        config = config_from_context(context, cfg)
+        if deployed is None:
+            return site.site_settings(context, config, run_dir_of(config)), config
+        from fedtune.deploy.site_config import apply_site
+
+        config = apply_site(config, deployed)
+        budget = deployed.budget
+        settings = site.SiteSettings(name=deployed.site_id, ledger_path=deployed.resolve(deployed.ledger_path),
+                                     budget_epsilon=budget.epsilon, delta=budget.delta,
+                                     accountant=budget.accountant, require_privacy=budget.require_privacy)
+        return settings, config
+
+    def records_of(context: Context, config: FedtuneConfig) -> list:
+        if deployed is None:
+            return site.site_records(context, config)
+        from fedtune.data import load_records
+
+        # A deployed site holds all of its own file; the process is warm, so read it once.
+        path = Path(str(config.data.path))
+        key = (str(path), path.stat().st_mtime_ns, config.data.format, config.data.group_field)
+        if key not in records_cache:
+            records_cache.clear()
+            records_cache[key] = load_records(config.data)
+        return records_cache[key]
 
     @app.query()
     def describe(msg: Message, context: Context) -> Message:
-        config = config_from_context(context, cfg)
-        return site.describe(msg, site.site_settings(context, config, run_dir_of(config)))
+        settings, _ = settings_and_config(context)
+        return site.describe(msg, settings)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = config_from_context(context, cfg)
-        settings = site.site_settings(context, config, run_dir_of(config))
+        settings, config = settings_and_config(context)
         logging.getLogger("fedtune").setLevel(config.log_level)
         if protocol.SECAGG in msg.content.config_records:
             stage = str(msg.content[protocol.SECAGG]["stage"])
-            records = site.site_records(context, config) if stage == protocol.STAGE_MASK else []
+            records = records_of(context, config) if stage == protocol.STAGE_MASK else []
             return secure_client.handle(msg, context, settings, config, records)
-        return site.train(msg, settings, config, site.site_records(context, config))
+        return site.train(msg, settings, config, records_of(context, config))
 
     return app

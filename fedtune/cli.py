@@ -94,6 +94,8 @@ def simulate_main(argv: list[str]) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request (Flower's Runtime API polling) drowns the operator's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)

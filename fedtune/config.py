@@ -74,6 +74,11 @@ class DataConfig:
     max_length: int = 160
     demo_records: int = 6000
     seed: int = 0
+    # Privacy audits only (fedtune experiment audit): a JSONL file of extra records
+    # (canaries) added to the training data of site number ``canary_site`` after
+    # partitioning; they never enter the held-out set.
+    canary_path: Optional[str] = None
+    canary_site: int = 0
 
 
 @dataclass
@@ -112,6 +117,11 @@ class FederationConfig:
     max_update_bytes: int = 256 * 1024 * 1024
     cpus_per_site: float = 1.0
     seed: int = 0
+    # How long the server waits for num_sites sites to connect before starting with fewer.
+    wait_for_sites_s: float = 120.0
+    # How long one round trip waits for replies before treating silent sites as dropped
+    # (null: wait indefinitely, as in simulation where no site can vanish).
+    round_timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -195,6 +205,9 @@ def validate(cfg: FedtuneConfig) -> None:
     _choice(f.strategy, STRATEGIES, "federation.strategy")
     _require(f.max_update_bytes > 0, "federation.max_update_bytes", "must be positive", "Use e.g. 268435456.")
     _require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
+    _require(f.wait_for_sites_s > 0, "federation.wait_for_sites_s", "must be positive", "Use e.g. 120.")
+    _require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
+             f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
 
     _choice(d.format, DATA_FORMATS, "data.format")
     _choice(d.partition, PARTITIONS, "data.partition")
@@ -211,6 +224,13 @@ def validate(cfg: FedtuneConfig) -> None:
                  "Point data.path at a local JSONL file, or set it to null for the built-in demo corpus.")
         _require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
                  "Give a JSONL file with one record per line.")
+
+    if d.canary_path is not None:
+        _require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
+                 "Point data.canary_path at a JSONL file of canary records, or set it to null.")
+        _require(0 <= d.canary_site < f.num_sites, "data.canary_site",
+                 f"{d.canary_site} is not a site index below num_sites={f.num_sites}",
+                 f"Use a site index in 0..{f.num_sites - 1}.")
 
     if cfg.secagg.enabled:
         validate_secagg(cfg)

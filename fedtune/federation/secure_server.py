@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedtune import adapters
 from fedtune.config import FedtuneConfig, secagg_parameters
-from fedtune.federation import protocol
+from fedtune.federation import exchange, protocol
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.secagg import protocol as secagg
@@ -40,7 +40,7 @@ def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage
         records[protocol.SECAGG] = ConfigRecord({**stage, **(per_node or {}).get(node, {})})
         messages.append(Message(RecordDict(records), dst_node_id=node, message_type=protocol.TRAIN))
     replies = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in exchange.send_and_receive(grid, messages, timeout):
         if reply.has_error():
             log.warning("node %d failed the %s stage: %s", reply.metadata.src_node_id, stage["stage"],
                         reply.error.reason)

@@ -29,7 +29,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
 from fedtune.data.encoding import encode_all
 from fedtune.evaluate import evaluate_lm
-from fedtune.federation import protocol
+from fedtune.federation import exchange, protocol
 from fedtune.models import build_lora_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
@@ -86,7 +86,7 @@ def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig
                protocol.ROUND_CONFIG: rc.to_record()}
     messages = [Message(RecordDict(dict(content)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
                 for s in selected]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    replies = {r.metadata.src_node_id: r for r in exchange.send_and_receive(grid, messages, timeout)}
     out = RoundOutcome()
     updates: list[tuple[dict[str, np.ndarray], float]] = []
     for site in selected:
@@ -131,7 +131,7 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Si
     """Ask every node who it is: its stable site pseudonym and its own budget."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.DESCRIBE) for n in node_ids]
     sites = []
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+    for reply in exchange.send_and_receive(grid, messages, timeout_s):
         if reply.has_error():
             log.warning("node %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
             continue

@@ -1,0 +1,218 @@
+"""The operator's side: start the SuperLink, enrol the sites' keys, submit the fedtune run.
+
+Under the hood this is exactly Flower's deployment engine, in this order (each command is
+logged, and README.md shows them):
+
+1. ``flower-superlink --ssl-certfile … --ssl-keyfile … --ssl-ca-certfile …
+   --enable-supernode-auth --disable-runtime-dependency-installation --database …
+   --host H --port P``
+2. ``flwr supernode register sites/<id>/auth.pub fedtune`` for every enrolled site
+3. ``flwr run <app> fedtune --run-config run_config.toml --stream``
+
+The run's outputs, checkpoint and server-side ledger go to ``DIR/run``; starting the
+server again on the same directory resumes from the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from fedtune import __version__
+from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate
+from fedtune.deploy import processes
+from fedtune.deploy.federation import Federation, FederationPaths
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedtune"
+APP_NAME = "fedtune"
+PUBLISHER = "fedtune"
+
+
+def load_server_config(paths: FederationPaths, fed: Federation, config_path: Optional[Path],
+                       overrides: list[str]) -> FedtuneConfig:
+    """server.yaml (+ overrides), validated before anything starts; outputs go to DIR/run."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    source = config_path or paths.server_config
+    try:
+        parts = [OmegaConf.structured(FedtuneConfig)]
+        if source.is_file():
+            parts.append(OmegaConf.load(source))
+        elif config_path is not None:
+            raise ConfigError("--config", f"{source} does not exist", "Pass an existing YAML file.")
+        parts.append(OmegaConf.from_dotlist(overrides))
+        cfg: FedtuneConfig = OmegaConf.to_object(OmegaConf.merge(*parts))  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or str(source)
+        raise ConfigError(str(key), str(exc).splitlines()[0], "Check the key and its type against configs/.") from None
+    cfg.run_dir = str(paths.run_dir)
+    if cfg.federation.round_timeout_s is None:
+        # Real sites can vanish; never wait forever on one.
+        cfg.federation.round_timeout_s = 600.0
+    validate(cfg)
+    if cfg.train.seed is not None:
+        raise ConfigError("train.seed", "a fixed seed makes the sites' DP noise reproducible by anyone who knows it",
+                          "Remove train.seed for a deployment (it is for research simulations only).")
+    enrolled = len(fed.sites)
+    if cfg.federation.num_sites > enrolled:
+        raise ConfigError("federation.num_sites", f"{cfg.federation.num_sites} sites asked for but only {enrolled} "
+                          "are enrolled", "Lower federation.num_sites or enrol more sites with --add-sites.")
+    return cfg
+
+
+def write_flwr_home(paths: FederationPaths, fed: Federation) -> Path:
+    """The ``flwr`` CLI's config: one SuperLink connection named ``fedtune``, verified by our CA."""
+    from fedtune.checkpoint import atomic_write_text
+
+    host = "127.0.0.1" if fed.superlink_host in ("0.0.0.0", "::", "") else fed.superlink_host
+    atomic_write_text(paths.flwr_home / "config.toml", (
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "{host}:{fed.superlink_port}"\n'
+        f'root-certificates = "{paths.superlink_ca}"\n'
+    ))
+    return paths.flwr_home
+
+
+def write_app(paths: FederationPaths) -> Path:
+    """A minimal Flower app folder (pyproject + the two thin apps) for ``flwr run``.
+
+    Only the operator's own ServerApp runs from it.  Sites never import its code: their
+    executor checks the app's id and version and runs the fedtune installed on the site.
+    """
+    import client.app
+    import server.app
+    from fedtune.checkpoint import atomic_write_text
+
+    app = paths.app_dir
+    for module, folder in ((server.app, "server"), (client.app, "client")):
+        (app / folder).mkdir(parents=True, exist_ok=True)
+        (app / folder / "__init__.py").touch()
+        shutil.copyfile(str(module.__file__), app / folder / "app.py")
+    atomic_write_text(app / "pyproject.toml", f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "{__version__}"
+description = "fedtune federation run"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "{PUBLISHER}"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+fedtune-config = ""
+""")
+    return app
+
+
+def write_run_config(paths: FederationPaths, cfg: FedtuneConfig) -> Path:
+    from fedtune.checkpoint import atomic_write_text
+
+    payload = json.dumps(to_dict(cfg), sort_keys=True)
+    target = paths.superlink_dir / "run_config.toml"
+    # A TOML literal string cannot hold a single quote; JSON of our config never has one.
+    if "'" in payload:
+        payload = payload.replace("'", "\\u0027")
+    atomic_write_text(target, f"fedtune-config = '{payload}'\n")
+    return target
+
+
+class SuperLink:
+    """A running ``flower-superlink`` for this federation (TLS + node auth, runtime installs off)."""
+
+    def __init__(self, paths: FederationPaths, fed: Federation) -> None:
+        self.paths, self.fed = paths, fed
+        self.log_path = paths.superlink_dir / "superlink.log"
+        self.process: Optional[subprocess.Popen] = None
+        self.env = processes.flower_env({"FLWR_HOME": str(write_flwr_home(paths, fed))})
+
+    def command(self) -> list[str]:
+        p = self.paths
+        return [processes.tool("flower-superlink"),
+                "--ssl-certfile", str(p.superlink_cert), "--ssl-keyfile", str(p.superlink_key),
+                "--ssl-ca-certfile", str(p.superlink_ca),
+                "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                "--database", str(p.superlink_dir / "state.db"),
+                "--host", self.fed.superlink_host, "--port", str(self.fed.superlink_port)]
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.process = processes.start(self.command(), log_path=self.log_path, env=self.env)
+        processes.wait_for_port(self.fed.superlink_host, self.fed.superlink_port, timeout_s, self.process,
+                                "flower-superlink", self.log_path)
+        log.info("SuperLink up on %s (pid %d, log %s)", self.fed.address, self.process.pid, self.log_path)
+
+    def register_sites(self) -> dict[str, int]:
+        """Enrol every site's public key; a key registered before (a restart) is fine."""
+        node_ids: dict[str, int] = {}
+        for site in self.fed.sites:
+            result = processes.run([processes.tool("flwr"), "supernode", "register",
+                                    str(self.paths.kit(site.site_id) / "auth.pub"), CONNECTION, "--format", "json",
+                                    "--name", site.site_id], env=self.env)
+            try:
+                reply = json.loads(result.stdout)
+            except json.JSONDecodeError:
+                raise RuntimeError(f"`flwr supernode register` failed for {site.site_id}: "
+                                   f"{result.stdout}{result.stderr}") from None
+            if reply.get("success"):
+                node_ids[site.site_id] = int(reply["node-id"])
+                log.info("enrolled %s (key %s) as node %s", site.site_id, site.fingerprint, reply["node-id"])
+            elif "already in use" in str(reply.get("error-message", "")):
+                log.info("%s (key %s) was enrolled before", site.site_id, site.fingerprint)
+            else:
+                raise RuntimeError(f"could not enrol {site.site_id}: {reply.get('error-message')}")
+        return node_ids
+
+    def submit(self, cfg: FedtuneConfig, stream: bool = True) -> subprocess.Popen:
+        """``flwr run`` the fedtune app with ``cfg``; returns the (streaming) flwr process."""
+        app = write_app(self.paths)
+        run_config = write_run_config(self.paths, cfg)
+        command = [processes.tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
+        if stream:
+            command.append("--stream")
+        return processes.start(command, env=self.env, new_session=False)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            processes.stop(self.process)
+            log.info("SuperLink stopped")
+
+
+def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_running: bool = False) -> int:
+    """Start the SuperLink, enrol the sites, run fedtune to completion; returns an exit code."""
+    superlink = SuperLink(paths, fed)
+    superlink.start()
+    try:
+        superlink.register_sites()
+        started = time.monotonic()
+        runner = superlink.submit(cfg)
+        code = runner.wait()
+        summary = paths.run_dir / "summary.json"
+        if code == 0 and summary.exists():
+            log.info("run finished in %.0f s; outputs in %s", time.monotonic() - started, paths.run_dir)
+        elif code != 0:
+            log.error("`flwr run` exited with code %d; see %s", code, superlink.log_path)
+        if keep_running:
+            log.info("keeping the SuperLink running (Ctrl-C to stop)")
+            superlink.process.wait()  # type: ignore[union-attr]
+        return code
+    finally:
+        superlink.stop()

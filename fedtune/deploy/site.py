@@ -1,0 +1,96 @@
+"""A site's side: ``fedtune client --site-config site.yaml``.
+
+Starts Flower's SuperNode with the site's enrolment kit, in ``--isolation process``
+mode, bound to 127.0.0.1 for its local Runtime API, and runs fedtune's own executor
+(:mod:`fedtune.deploy.executor`) beside it.  The Flower command underneath is::
+
+    flower-supernode --superlink HOST:PORT --root-certificates ca.crt \\
+        --auth-supernode-private-key auth.key --isolation process \\
+        --host 127.0.0.1 --port RUNTIME_PORT --superexec-auth-secret-file state/superexec.secret
+
+No ``--allow-runtime-dependency-installation``: a site never installs packages because
+a server asked.  Stopping the client (SIGINT/SIGTERM) stops both; a crash of either
+stops the other, so the SuperLink sees the site leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from fedtune import __version__
+from fedtune.deploy import pki, processes
+from fedtune.deploy.executor import AppPin, SiteExecutor
+from fedtune.deploy.site_config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+
+def supernode_command(site: SiteConfig, secret_file: Path) -> list[str]:
+    # `flower-supernode` itself, via a launcher that only shortens its idle poll (see
+    # fedtune.deploy.supernode for why).
+    return [sys.executable, "-m", "fedtune.deploy.supernode",
+            "--superlink", site.superlink,
+            "--root-certificates", str(site.resolve(site.root_certificates)),
+            "--auth-supernode-private-key", str(site.resolve(site.auth_private_key)),
+            "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(site.runtime_port),
+            "--superexec-auth-secret-file", str(secret_file)]
+
+
+def app_pin(site: SiteConfig) -> AppPin:
+    return AppPin(site.app.publisher, site.app.name, site.app.version or __version__)
+
+
+def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> int:
+    """Run this site's SuperNode and executor until stopped; returns an exit code."""
+    from fedtune.apps import make_client_app
+
+    state = site.resolve(site.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    # A fresh secret per start: only this process may claim the SuperNode's tasks.
+    secret_file = state / "superexec.secret"
+    pki.write_secret(secret_file, secrets.token_bytes(32))
+    auth_secret = secret_file.read_bytes()
+
+    pin = app_pin(site)
+    log.info("site %s: budget ε=%g δ=%g, ledger %s, data %s; runs only %s==%s", site.site_id,
+             site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path), site.resolve(site.data.path),
+             pin.fab_id, pin.version)
+    supernode = processes.start(supernode_command(site, secret_file), log_path=state / "supernode.log",
+                                env=processes.flower_env({"FEDTUNE_SUPERNODE_POLL_S": str(site.poll_interval_s)}))
+    executor = SiteExecutor(f"127.0.0.1:{site.runtime_port}", make_client_app(deployed=site), pin,
+                            auth_secret=auth_secret)
+    stop = stop_event or threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("site %s: stopping (signal %d)", site.site_id, signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+    def _watch(process: subprocess.Popen) -> None:
+        process.wait()
+        if not stop.is_set():
+            log.error("site %s: the SuperNode exited with code %s; see %s", site.site_id, process.returncode,
+                      state / "supernode.log")
+            stop.set()
+
+    threading.Thread(target=_watch, args=(supernode,), daemon=True).start()
+    executor.stop_event = stop
+    try:
+        processes.wait_for_port("127.0.0.1", site.runtime_port, 60.0, supernode, "flower-supernode",
+                                state / "supernode.log")
+        executor.serve_forever()
+    finally:
+        stop.set()
+        processes.stop(supernode)
+    return 0 if supernode.returncode in (0, None, -signal.SIGTERM) else 1

@@ -1,0 +1,165 @@
+"""A site's own configuration file (``site.yaml``) for ``fedtune client``.
+
+Everything here belongs to the site and is never sent or overridden by the server:
+where its data and ledger live, its privacy budget, which SuperLink it trusts (by CA
+certificate) and which fedtune app it is willing to run.  The federation-wide training
+settings (model shape, LoRA rank, sequence length, DP-SGD parameters of a round) come
+from the server's run; the site's budget check is what stops a server from asking for
+too much.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, FedtuneConfig
+
+SITE_FILE = "site.yaml"
+
+
+@dataclass
+class SiteData:
+    path: str = "data.jsonl"
+    format: str = "auto"
+    group_field: Optional[str] = "source"
+
+
+@dataclass
+class SiteBudget:
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    # Refuse any round that is not DP-SGD (σ > 0), whatever the server says.
+    require_privacy: bool = True
+
+
+@dataclass
+class SiteApp:
+    """The only app this site runs: the fedtune installed here, at this version."""
+
+    publisher: str = "fedtune"
+    name: str = "fedtune"
+    # null: the version of the fedtune package installed on this machine.
+    version: Optional[str] = None
+
+
+@dataclass
+class SiteConfig:
+    # Stable pseudonym of the site in ledgers, reports and adapter records.
+    site_id: str = "site"
+    superlink: str = "127.0.0.1:9093"
+    root_certificates: str = "ca.crt"
+    auth_private_key: str = "auth.key"
+    data: SiteData = field(default_factory=SiteData)
+    budget: SiteBudget = field(default_factory=SiteBudget)
+    ledger_path: str = "ledger.sqlite"
+    # Local directory of the base model when the federation uses one (model.path on the
+    # server names the model; each site holds its own copy).  null: use the server's path.
+    model_path: Optional[str] = None
+    device: str = "cpu"
+    torch_threads: int = 1
+    # The SuperNode's local Runtime API, where this site's executor fetches tasks.
+    runtime_port: int = 9094
+    # How often the SuperNode asks the SuperLink for work while idle (Flower's own: 3 s).
+    poll_interval_s: float = 0.5
+    state_dir: str = "state"
+    app: SiteApp = field(default_factory=SiteApp)
+
+    # Set by load_site_config: relative paths above are resolved against it.
+    base_dir: Optional[str] = None
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        if not path.is_absolute() and self.base_dir is not None:
+            path = Path(self.base_dir) / path
+        return path
+
+
+def _require(ok: bool, name: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(name, problem, fix)
+
+
+def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
+    """Check the whole site file before anything starts; raise ConfigError naming the field."""
+    _require(bool(site.site_id) and all(c.isalnum() or c in "-_." for c in site.site_id), "site_id",
+             f"{site.site_id!r} is empty or has characters other than letters, digits, '-', '_', '.'",
+             "Use the name your operator enrolled you under, e.g. hospital-a.")
+    host, _, port = site.superlink.rpartition(":")
+    _require(bool(host) and port.isdigit(), "superlink", f"{site.superlink!r} is not host:port",
+             "Use the SuperLink address your operator gave you, e.g. superlink.example.org:9093.")
+    budget = site.budget
+    _require(budget.epsilon > 0 and not math.isnan(budget.epsilon), "budget.epsilon",
+             f"{budget.epsilon} is not a positive budget", "Use a positive ε such as 1, 4 or 8.")
+    _require(0 < budget.delta < 1, "budget.delta", f"{budget.delta} is not in (0, 1)",
+             "Use a δ below 1/(number of records), e.g. 1e-5.")
+    _require(budget.accountant in ACCOUNTANTS, "budget.accountant", f"unknown accountant {budget.accountant!r}",
+             f"Use one of {', '.join(ACCOUNTANTS)}.")
+    _require(site.data.format in DATA_FORMATS, "data.format", f"unknown format {site.data.format!r}",
+             f"Use one of {', '.join(DATA_FORMATS)}.")
+    _require(site.device == "cpu" or site.device.startswith("cuda"), "device", f"unknown device {site.device!r}",
+             "Use cpu or cuda (cuda:N for a given GPU).")
+    _require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
+    _require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
+             "Use a free local port between 1024 and 65535, e.g. 9094.")
+    _require(0.05 <= site.poll_interval_s <= 60, "poll_interval_s", f"{site.poll_interval_s} s is out of range",
+             "Use between 0.05 and 60 seconds, e.g. 0.5.")
+    if check_files:
+        for name, value in (("data.path", site.data.path), ("root_certificates", site.root_certificates),
+                            ("auth_private_key", site.auth_private_key)):
+            _require(site.resolve(value).is_file(), name, f"file {site.resolve(value)} does not exist",
+                     "Fix the path in site.yaml (relative paths are relative to site.yaml).")
+        if site.model_path is not None:
+            _require(site.resolve(site.model_path).is_dir(), "model_path",
+                     f"directory {site.resolve(site.model_path)} does not exist",
+                     "Point model_path at the local copy of the federation's base model.")
+
+
+def load_site_config(path: str | Path, overrides: Optional[list[str]] = None, check_files: bool = True) -> SiteConfig:
+    """Read ``site.yaml`` (plus ``key=value`` overrides), type-check and validate it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError("--site-config", f"{path} does not exist",
+                          "Pass the site.yaml from your enrolment kit.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SiteConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+        site: SiteConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "site.yaml"
+        raise ConfigError(str(key), str(exc).splitlines()[0],
+                          "Check the key name and value type against the template in the enrolment kit.") from None
+    site.base_dir = str(path.parent)
+    validate_site_config(site, check_files=check_files)
+    return site
+
+
+def site_to_dict(site: SiteConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(site))  # type: ignore[return-value]
+
+
+def apply_site(cfg: FedtuneConfig, site: SiteConfig) -> FedtuneConfig:
+    """The config a deployed site trains with: the run's shared settings, the site's own data,
+    budget, model copy and threads.  ``cfg`` is the server's run config and is not modified."""
+    import copy
+
+    local = copy.deepcopy(cfg)
+    local.data.path = str(site.resolve(site.data.path))
+    local.data.format = site.data.format
+    local.data.group_field = site.data.group_field
+    local.privacy.target_epsilon = site.budget.epsilon
+    local.privacy.delta = site.budget.delta
+    local.privacy.accountant = site.budget.accountant
+    local.privacy.enabled = site.budget.require_privacy
+    if site.model_path is not None:
+        local.model.path = str(site.resolve(site.model_path))
+    local.train.torch_threads = site.torch_threads
+    return local
