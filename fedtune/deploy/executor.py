@@ -22,7 +22,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
+
+import httpx
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
@@ -36,7 +38,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -135,22 +137,35 @@ class SiteExecutor:
         self.on_task = on_task
         self.stop_event = threading.Event()
 
-    def _client(self, interceptors: list) -> RuntimeHttpClient:
-        # The Runtime API is bound to 127.0.0.1 on this machine only; no TLS needed.
+    def _client(self, interceptors: list, max_time_s: Optional[float]) -> RuntimeHttpClient:
+        # The Runtime API is bound to 127.0.0.1 on this machine only; no TLS needed.  Flower's
+        # default retry policy answers an HTTP 401 by sending SIGINT to its own process, which
+        # would stop the whole site over one expired task token; retry transport errors only.
+        def waits() -> Iterator[float]:
+            while True:
+                yield 0.25
+
+        invoker = RetryInvoker(waits, httpx.TransportError, max_tries=None, max_time=max_time_s, jitter=None)
         return RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+            interceptors=interceptors, retry_invoker=invoker)
 
     def serve_forever(self) -> None:
         interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if self.auth_secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.auth_secret,
                                                              protected_methods=_ACQUIRE_METHODS))
-        client = self._client(interceptors)
+        # While the SuperNode restarts (see fedtune.deploy.site) AcquireTask just keeps retrying.
+        client = self._client(interceptors, max_time_s=None)
         log.info("executor ready: serving %s from the local SuperNode at %s", self.pin.fab_id, self.runtime_address)
         try:
             while not self.stop_event.is_set():
-                response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                try:
+                    response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                except Exception as exc:  # noqa: BLE001 - an HTTP error from the SuperNode; try again
+                    log.warning("could not ask the SuperNode for work (%s); retrying", exc)
+                    self.stop_event.wait(1.0)
+                    continue
                 if response.HasField("task") and response.token:
                     self.run_task(response.token)
                     continue
@@ -162,7 +177,7 @@ class SiteExecutor:
         """Pull one message, run it (or refuse it), push the reply and the task status."""
         started = time.perf_counter()
         client = self._client([RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                               RuntimeTokenHttpInterceptor(token)])
+                               RuntimeTokenHttpInterceptor(token)], max_time_s=60.0)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         context: Optional[Context] = None

@@ -198,6 +198,10 @@ class SuperLink:
 
 def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_running: bool = False) -> int:
     """Start the SuperLink, enrol the sites, run fedtune to completion; returns an exit code."""
+    from fedtune.simulation import write_resolved_config
+
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(cfg, paths.run_dir)
     superlink = SuperLink(paths, fed)
     superlink.start()
     try:

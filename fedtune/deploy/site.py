@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -63,8 +64,6 @@ def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> 
     log.info("site %s: budget ε=%g δ=%g, ledger %s, data %s; runs only %s==%s", site.site_id,
              site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path), site.resolve(site.data.path),
              pin.fab_id, pin.version)
-    supernode = processes.start(supernode_command(site, secret_file), log_path=state / "supernode.log",
-                                env=processes.flower_env({"FEDTUNE_SUPERNODE_POLL_S": str(site.poll_interval_s)}))
     executor = SiteExecutor(f"127.0.0.1:{site.runtime_port}", make_client_app(deployed=site), pin,
                             auth_secret=auth_secret)
     stop = stop_event or threading.Event()
@@ -77,20 +76,39 @@ def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
 
-    def _watch(process: subprocess.Popen) -> None:
-        process.wait()
-        if not stop.is_set():
-            log.error("site %s: the SuperNode exited with code %s; see %s", site.site_id, process.returncode,
-                      state / "supernode.log")
-            stop.set()
-
-    threading.Thread(target=_watch, args=(supernode,), daemon=True).start()
+    supervisor = threading.Thread(target=_supervise, args=(site, secret_file, state, stop), daemon=True)
+    supervisor.start()
     executor.stop_event = stop
     try:
-        processes.wait_for_port("127.0.0.1", site.runtime_port, 60.0, supernode, "flower-supernode",
-                                state / "supernode.log")
         executor.serve_forever()
     finally:
         stop.set()
-        processes.stop(supernode)
-    return 0 if supernode.returncode in (0, None, -signal.SIGTERM) else 1
+        supervisor.join(timeout=30)
+    return 0
+
+
+def _supervise(site: SiteConfig, secret_file: Path, state: Path, stop: threading.Event) -> None:
+    """Keep the SuperNode running until ``stop``.
+
+    Flower's SuperNode exits when the SuperLink refuses to activate it (the operator has
+    not enrolled the key yet, or the SuperLink is restarting) or stays unreachable; a
+    hospital's client should not need a human to restart it then.  Restart with backoff.
+    """
+    log_path = state / "supernode.log"
+    env = processes.flower_env({"FEDTUNE_SUPERNODE_POLL_S": str(site.poll_interval_s)})
+    backoff = 2.0
+    while not stop.is_set():
+        started = time.monotonic()
+        supernode = processes.start(supernode_command(site, secret_file), log_path=log_path, env=env)
+        while supernode.poll() is None and not stop.is_set():
+            stop.wait(0.5)
+        if stop.is_set():
+            processes.stop(supernode)
+            return
+        if time.monotonic() - started > 60:
+            backoff = 2.0
+        log.warning("site %s: the SuperNode exited with code %s (SuperLink unreachable or this site not "
+                    "enrolled yet?); restarting in %.0f s. Details: %s", site.site_id, supernode.returncode,
+                    backoff, log_path)
+        stop.wait(backoff)
+        backoff = min(30.0, backoff * 2)

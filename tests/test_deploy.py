@@ -1,0 +1,199 @@
+"""Real deployments: `fedtune server` / `fedtune client` processes on 127.0.0.1 only.
+
+Each test starts the commands a user runs (Flower SuperLink with TLS and node
+authentication, SuperNodes with enrolment kits), stops or kills them by process id, and
+is bounded in time.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune.checkpoint import load_checkpoint
+from fedtune.deploy.localhost import LocalFederation, fedtune_command, free_port
+from fedtune.deploy.processes import flower_env
+from fedtune.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.slow
+
+# Small rounds: 3 DP-SGD steps on the tiny model; dead sites are given up after 40 s.
+SERVER_ARGS = ("train.local_steps=3", "data.demo_records=1200", "federation.round_timeout_s=40",
+               "federation.wait_for_sites_s=90")
+
+
+def _site_ledger(fed: LocalFederation, site_id: str) -> PrivacyLedger:
+    return PrivacyLedger(fed.kit(site_id) / "ledger.sqlite")
+
+
+def _charges(fed: LocalFederation, site_id: str) -> int:
+    path = fed.kit(site_id) / "ledger.sqlite"
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as conn:
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM charges WHERE site = ?", (site_id,)).fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.fixture
+def federation(tmp_path: Path):
+    created: list[LocalFederation] = []
+
+    def make(site_ids: list[str]) -> LocalFederation:
+        fed = LocalFederation(tmp_path / "fed", site_ids)
+        fed.init()
+        created.append(fed)
+        return fed
+
+    yield make
+    for fed in created:
+        fed.stop_all()
+
+
+def test_three_sites_tls_auth_dp_secagg_and_a_site_pinned_to_another_version(federation) -> None:
+    fed = federation(["hosp-a", "hosp-b", "hosp-c", "hosp-old"])
+    # Four nodes connect; hosp-old pins a fedtune version the run does not have and must refuse.
+    fed.start_server("federation.num_sites=4", "federation.num_rounds=2", *SERVER_ARGS)
+    for site in ("hosp-a", "hosp-b", "hosp-c"):
+        fed.start_site(site)
+    fed.start_site("hosp-old", "app.version=0.0.1")
+    assert fed.server is not None
+    fed.server.wait(timeout=420)
+    assert fed.server.returncode == 0, fed.tail("server", 80)
+
+    run = fed.run_dir
+    for name in ("metrics.jsonl", "privacy_report.json", "privacy_report.md", "summary.json", "rounds.png",
+                 "config.yaml", "adapters/round_001", "adapters/round_002", "checkpoint"):
+        assert (run / name).exists(), name
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["participants"] == ["hosp-a", "hosp-b", "hosp-c"]
+        assert row["quantization_error_bound"] > 0  # secure aggregation was on
+        assert row["max_epsilon"] > 0
+    assert rows[-1]["eval_loss"] < json.loads((run / "summary.json").read_text())["initial_eval_loss"]
+
+    # The refusal is in the pinned site's own log, and no code of the run was loaded there.
+    assert "REFUSED" in fed.tail("hosp-old", 200) and "0.0.1" in fed.tail("hosp-old", 200)
+    assert _charges(fed, "hosp-old") == 0
+    # The server's report agrees with each site's own ledger.
+    report = json.loads((run / "privacy_report.json").read_text())["sites"]
+    assert set(report) == {"hosp-a", "hosp-b", "hosp-c"}
+    for site in ("hosp-a", "hosp-b", "hosp-c"):
+        assert report[site]["epsilon"] == pytest.approx(_site_ledger(fed, site).epsilon(site, 1e-5), rel=1e-9)
+    # The SuperLink ran with TLS, node authentication and runtime installs off.
+    log = (fed.root / "superlink" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in log
+
+
+def test_unknown_key_and_plain_text_connections_are_refused(federation, tmp_path: Path) -> None:
+    from fedtune.deploy.federation import load_federation
+    from fedtune.deploy.operator import SuperLink
+    from fedtune.deploy.pki import node_auth_keypair, write_public, write_secret
+
+    fed = federation(["hosp-a"])
+    paths, fed_cfg = load_federation(fed.root)
+    superlink = SuperLink(paths, fed_cfg)
+    superlink.start()
+    try:
+        superlink.register_sites()
+        # A key the operator never enrolled.
+        private, public = node_auth_keypair()
+        write_secret(tmp_path / "rogue.key", private)
+        write_public(tmp_path / "rogue.pub", public)
+        base = ["flower-supernode", "--superlink", f"127.0.0.1:{fed.port}", "--max-retries", "2",
+                "--max-wait-time", "20", "--port", str(free_port())]
+        rogue = subprocess.run([*base, "--root-certificates", str(fed.kit("hosp-a") / "ca.crt"),
+                                "--auth-supernode-private-key", str(tmp_path / "rogue.key")],
+                               capture_output=True, text=True, env=flower_env(), timeout=120)
+        assert rogue.returncode != 0
+        # Plain text against the TLS-only SuperLink.
+        plain = subprocess.run([*base, "--insecure", "--auth-supernode-private-key", str(fed.kit("hosp-a") / "auth.key")],
+                               capture_output=True, text=True, env=flower_env(), timeout=120)
+        assert plain.returncode != 0
+    finally:
+        superlink.stop()
+    server_log = superlink.log_path.read_text()
+    # The SuperLink logged the refused node key (HTTP 412 / unregistered node) ...
+    assert "412" in server_log or "not registered" in server_log.lower() or "unauthenticated" in server_log.lower(), \
+        server_log[-3000:]
+    # ... and the rogue SuperNode saw a refusal, not a success.
+    assert "412" in rogue.stdout + rogue.stderr or "auth" in (rogue.stdout + rogue.stderr).lower()
+
+
+def test_killed_site_is_dropped_resumes_with_its_ledger_and_an_exhausted_site_stays_idle(federation) -> None:
+    fed = federation(["hosp-a", "hosp-b", "hosp-c", "hosp-d"])
+    # hosp-d's own budget fits two rounds of (σ=0.8, q=0.05, 3 steps) but not three.
+    fed.start_server("federation.num_sites=4", "federation.num_rounds=3", *SERVER_ARGS)
+    for site in ("hosp-a", "hosp-b", "hosp-c"):
+        fed.start_site(site)
+    fed.start_site("hosp-d", "budget.epsilon=3.4")
+
+    # Kill hosp-c during round 2, once its round-2 charge is on its ledger (its update may leave).
+    fed.wait_until(lambda: _charges(fed, "hosp-c") >= 2, 300, "hosp-c to be charged for round 2")
+    fed.kill(fed.sites["hosp-c"], signal.SIGKILL)
+    charges_at_kill = _charges(fed, "hosp-c")
+    fed.wait_until(lambda: len(fed.metrics()) >= 2, 300, "round 2 to complete without hosp-c")
+    round2 = fed.metrics()[1]
+    assert "hosp-c" in round2["participants"] or "hosp-c" in round2["failures"], round2
+    # The site comes back: same enrolment key, same ledger, charges intact.
+    assert _charges(fed, "hosp-c") == charges_at_kill
+    fed.start_site("hosp-c")
+    assert fed.server is not None
+    fed.server.wait(timeout=420)
+    assert fed.server.returncode == 0, fed.tail("server", 80)
+
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["participants"] == ["hosp-a", "hosp-b", "hosp-c", "hosp-d"]
+    assert "hosp-d" not in rows[2]["participants"]  # out of budget: not scheduled
+    assert fed.sites["hosp-d"].poll() is None  # ... but still connected
+    assert _charges(fed, "hosp-d") == 2
+    assert "not scheduling hosp-d" in fed.tail("server", 400)
+    assert _charges(fed, "hosp-c") >= charges_at_kill
+
+    # Every site's own ledger agrees with the server's privacy report.
+    report = json.loads((fed.run_dir / "privacy_report.json").read_text())["sites"]
+    for site in ("hosp-a", "hosp-b", "hosp-c", "hosp-d"):
+        assert report[site]["epsilon"] == pytest.approx(_site_ledger(fed, site).epsilon(site, 1e-5), rel=1e-9), site
+    assert report["hosp-d"]["epsilon"] <= 3.4
+
+
+def test_server_killed_after_round_one_resumes_from_its_checkpoint(federation) -> None:
+    fed = federation(["hosp-a", "hosp-b", "hosp-c"])
+    fed.start_server("federation.num_sites=3", "federation.num_rounds=2", *SERVER_ARGS)
+    for site in ("hosp-a", "hosp-b", "hosp-c"):
+        fed.start_site(site)
+    checkpoint = fed.run_dir / "checkpoint"
+    fed.wait_until(lambda: load_checkpoint(checkpoint) is not None, 300, "the round-1 checkpoint")
+    assert fed.server is not None
+    fed.kill(fed.server, signal.SIGKILL)  # the SuperLink and its ServerApp go with it
+    done, saved = load_checkpoint(checkpoint)  # type: ignore[misc]
+    assert done == 1
+    time.sleep(1.0)
+
+    fed.start_server("federation.num_sites=3", "federation.num_rounds=2", *SERVER_ARGS)
+    fed.server.wait(timeout=420)
+    assert fed.server.returncode == 0, fed.tail("server", 80)
+    log = fed.tail("server", 400)
+    assert "resuming from the checkpoint of round 1" in log
+    rows = fed.metrics()
+    assert [r["round"] for r in rows].count(1) == 1 and rows[-1]["round"] == 2
+    # Round 2 started from the checkpointed adapter: the round-1 adapter on disk is that state.
+    from safetensors.numpy import load_file
+
+    round1 = load_file(str(next((fed.run_dir / "adapters" / "round_001").glob("*.safetensors"))))
+    assert len(saved) == len(round1)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(round1[name.replace(".default", "")], value)
+    # A site that saw both server processes kept one ledger across them.
+    assert _charges(fed, "hosp-a") >= 2
