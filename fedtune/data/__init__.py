@@ -41,11 +41,13 @@ def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
     train_idx, eval_idx = train_eval_split(len(records), cfg.eval_fraction, cfg.seed)
     train_records = [records[i] for i in train_idx]
     parts = partition(train_records, num_sites, cfg.partition, cfg.dirichlet_alpha, cfg.seed) if train_records else [[] for _ in range(num_sites)]
-    return FederatedData(
-        records=records,
-        site_indices=[[train_idx[j] for j in part] for part in parts],
-        eval_indices=eval_idx,
-    )
+    site_indices = [[train_idx[j] for j in part] for part in parts]
+    if cfg.canary_path is not None:
+        # Audit canaries join one site's training data only (never the held-out set).
+        canaries = load_jsonl(cfg.canary_path, fmt=cfg.format, group_field=cfg.group_field)
+        site_indices[cfg.canary_site].extend(range(len(records), len(records) + len(canaries)))
+        records = records + canaries
+    return FederatedData(records=records, site_indices=site_indices, eval_indices=eval_idx)
 
 
 __all__ = ["DataError", "FederatedData", "Record", "load_federated_data", "load_jsonl", "load_records"]

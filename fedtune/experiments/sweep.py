@@ -1,0 +1,331 @@
+"""Grid expansion and resumable execution of many simulated federations.
+
+A *setting* is one point of an experiment grid (ε, partition, strategy, number of
+sites, seed).  :func:`config_for` turns it into a complete :class:`FedtuneConfig`;
+:func:`run_plans` runs each under a progress bar and keeps one ``result.json`` per
+run, so an interrupted sweep continues where it stopped: a run whose result exists
+*for the same resolved configuration* is not run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate, validate_against_data
+from fedtune.checkpoint import atomic_write_text
+from fedtune.experiments.engine import run_federation
+
+log = logging.getLogger(__name__)
+
+INF = math.inf
+RESULT_FILE = "result.json"
+STRATEGY_NAMES = {"fedavg": "FedAvg-LoRA", "ffa": "FFA-LoRA"}
+
+# Fields a grid sets for every run: overriding them on the command line would be
+# silently ignored, so it is refused with the flag to use instead.
+GRID_FIELDS = {
+    "privacy.enabled": "--epsilons (inf = non-private)",
+    "privacy.target_epsilon": "--epsilons",
+    "privacy.noise_multiplier": "--epsilons (σ is calibrated to each ε)",
+    "federation.strategy": "--strategies",
+    "federation.num_sites": "--sites",
+    "data.partition": "--partitions",
+    "data.dirichlet_alpha": "--alpha",
+    "train.seed": "--seeds",
+    "data.seed": "--seeds",
+    "federation.seed": "--seeds",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run of a grid.  ``centralised`` means one site holding all the data."""
+
+    epsilon: float
+    strategy: str
+    num_sites: int
+    partition: str
+    seed: int
+    dirichlet_alpha: float = 0.3
+    centralised: bool = False
+
+    @property
+    def group(self) -> str:
+        """The setting without ε and seed: one line of a plot, one row of a table."""
+        name = STRATEGY_NAMES.get(self.strategy, self.strategy)
+        if self.centralised:
+            return f"centralised, {name}"
+        part = "iid" if self.partition == "iid" else f"Dirichlet α={self.dirichlet_alpha:g}"
+        return f"{part}, {name}, {self.num_sites} sites"
+
+    @property
+    def key(self) -> str:
+        """A file-system-safe, unique name of the run."""
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        if self.centralised:
+            head = f"central-{self.strategy}"
+        else:
+            part = "iid" if self.partition == "iid" else f"dir{self.dirichlet_alpha:g}"
+            head = f"{part}-{self.strategy}-{self.num_sites}sites"
+        return f"{head}-eps{eps}-seed{self.seed}"
+
+
+def format_epsilon(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:g}"
+
+
+def parse_epsilon(text: str) -> float:
+    value = text.strip().lower()
+    if value in ("inf", "infinity", "∞", "none"):
+        return INF
+    return float(value)
+
+
+def expand_grid(epsilons: Sequence[float], partitions: Sequence[str], strategies: Sequence[str],
+                num_sites: Sequence[int], seeds: Sequence[int], dirichlet_alpha: float,
+                centralised: bool, centralised_strategies: Sequence[str] = ("fedavg",)) -> list[Setting]:
+    """Every federated setting, then the centralised references (one site, all data)."""
+    settings: list[Setting] = []
+    for seed in seeds:
+        for n in num_sites:
+            for partition in partitions:
+                for strategy in strategies:
+                    for eps in epsilons:
+                        settings.append(Setting(eps, strategy, n, partition, seed, dirichlet_alpha))
+        if centralised:
+            for strategy in centralised_strategies:
+                for eps in epsilons:
+                    settings.append(Setting(eps, strategy, 1, "iid", seed, dirichlet_alpha, centralised=True))
+    return settings
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, rounds: int, local_steps: int,
+                    accountant: str) -> float:
+    """The noise multiplier σ at which a site training every round spends ``epsilon``.
+
+    Opacus' search returns a σ whose ε is within 0.01 below the target; the result is
+    checked against fedtune's own accounting of the per-round charges (what the ledger
+    and the server will compute), so no run is refused for a rounding error.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedtune.privacy.accounting import Charge, epsilon as epsilon_of
+
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                 steps=rounds * local_steps, accountant=accountant, epsilon_tolerance=0.005)
+    for _ in range(50):
+        history = [Charge(r, sigma, sample_rate, local_steps) for r in range(1, rounds + 1)]
+        if epsilon_of(history, delta, accountant) <= epsilon:
+            return float(sigma)
+        sigma *= 1.001
+    raise ValueError(f"could not calibrate σ for ε={epsilon}")
+
+
+def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path,
+               noise_cache: Optional[dict[tuple, float]] = None) -> FedtuneConfig:
+    """The complete configuration of one run of the grid."""
+    cfg = copy.deepcopy(base)
+    cfg.run_dir = str(run_dir)
+    cfg.federation.strategy = setting.strategy
+    cfg.federation.num_sites = setting.num_sites
+    cfg.data.partition = setting.partition
+    cfg.data.dirichlet_alpha = setting.dirichlet_alpha
+    cfg.train.seed = setting.seed
+    cfg.data.seed = setting.seed
+    cfg.federation.seed = setting.seed
+    if setting.num_sites < 3:
+        # SecAgg+ needs three parties; one site holding all data has nothing to hide from itself.
+        cfg.secagg.enabled = False
+    if math.isinf(setting.epsilon):
+        cfg.privacy.enabled = False
+        cfg.privacy.noise_multiplier = 0.0
+    else:
+        p = cfg.privacy
+        key = (setting.epsilon, p.delta, p.sample_rate, cfg.federation.num_rounds, cfg.train.local_steps,
+               p.accountant)
+        if noise_cache is not None and key in noise_cache:
+            sigma = noise_cache[key]
+        else:
+            sigma = calibrate_noise(setting.epsilon, p.delta, p.sample_rate, cfg.federation.num_rounds,
+                                    cfg.train.local_steps, p.accountant)
+            if noise_cache is not None:
+                noise_cache[key] = sigma
+        p.enabled = True
+        p.noise_multiplier = sigma
+        p.target_epsilon = setting.epsilon
+    return cfg
+
+
+def config_hash(cfg: FedtuneConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_runs(configs: Sequence[FedtuneConfig]) -> None:
+    """Validate every run's configuration, and its data split, before any training."""
+    from fedtune.data import load_federated_data
+
+    checked: set[str] = set()
+    for cfg in configs:
+        validate(cfg)
+        data_key = json.dumps([dataclasses.asdict(cfg.data), cfg.federation.num_sites, cfg.privacy.enabled,
+                               cfg.privacy.delta, cfg.secagg.enabled], sort_keys=True, default=str)
+        if data_key in checked:
+            continue
+        checked.add(data_key)
+        data = load_federated_data(cfg.data, cfg.federation.num_sites)
+        validate_against_data(cfg, [len(s) for s in data.site_indices], data.num_train_records)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The numbers of a finished run, from the files it wrote (metrics, summary, privacy report)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    spent = [s["epsilon"] for s in report["sites"].values()]
+    numeric = [float(e) for e in spent]  # "inf" parses to inf
+    last = rows[-1] if rows else {}
+    return {
+        "rounds_completed": summary["rounds_completed"],
+        "stop_reason": summary["stop_reason"],
+        "initial_eval_loss": summary["initial_eval_loss"],
+        "final_eval_loss": last.get("eval_loss", summary["initial_eval_loss"]),
+        "final_eval_perplexity": last.get("eval_perplexity", math.exp(min(summary["initial_eval_loss"], 50.0))),
+        "final_eval_accuracy": last.get("eval_accuracy"),
+        "epsilon_spent": max(numeric) if numeric else 0.0,
+        "eval_loss_by_round": [summary["initial_eval_loss"]] + [r["eval_loss"] for r in rows],
+        "eval_accuracy_by_round": [r.get("eval_accuracy") for r in rows],
+    }
+
+
+def result_row(setting: Setting, cfg: FedtuneConfig, run: dict[str, Any], wall_seconds: float,
+               run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    return {
+        "key": setting.key,
+        "group": setting.group,
+        "centralised": setting.centralised,
+        "partition": "central" if setting.centralised else setting.partition,
+        "dirichlet_alpha": setting.dirichlet_alpha if setting.partition == "dirichlet" else None,
+        "strategy": setting.strategy,
+        "num_sites": setting.num_sites,
+        "seed": setting.seed,
+        "epsilon_target": "inf" if math.isinf(setting.epsilon) else setting.epsilon,
+        "epsilon_spent": "inf" if math.isinf(run["epsilon_spent"]) else run["epsilon_spent"],
+        "delta": cfg.privacy.delta,
+        "noise_multiplier": cfg.privacy.noise_multiplier,
+        "sample_rate": cfg.privacy.sample_rate,
+        "num_rounds": cfg.federation.num_rounds,
+        "local_steps": cfg.train.local_steps,
+        "rounds_completed": run["rounds_completed"],
+        "stop_reason": run["stop_reason"],
+        "initial_eval_loss": run["initial_eval_loss"],
+        "final_eval_loss": run["final_eval_loss"],
+        "final_eval_perplexity": run["final_eval_perplexity"],
+        "final_eval_accuracy": run["final_eval_accuracy"],
+        "eval_loss_by_round": run["eval_loss_by_round"],
+        "eval_accuracy_by_round": run["eval_accuracy_by_round"],
+        "wall_seconds": round(wall_seconds, 2),
+        "run_dir": str(run_dir.relative_to(out_dir)) if run_dir.is_relative_to(out_dir) else str(run_dir),
+    }
+
+
+def load_result(run_dir: Path, cfg: FedtuneConfig) -> Optional[dict[str, Any]]:
+    """The stored result of this exact configuration, or None (absent, or another config)."""
+    path = run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return stored["row"] if stored.get("config_hash") == config_hash(cfg) else None
+
+
+def plan_runs(settings: Sequence[Setting], base: FedtuneConfig, out_dir: Path) -> list[tuple[Setting, FedtuneConfig]]:
+    """Every run's complete configuration, all validated (with their data) before any training."""
+    noise_cache: dict[tuple, float] = {}
+    plans = []
+    for setting in settings:
+        try:
+            cfg = config_for(setting, base, out_dir / "runs" / setting.key, noise_cache)
+        except ValueError as exc:  # Opacus: "The privacy budget is too low."
+            raise ConfigError("--epsilons", f"no noise level reaches ε={setting.epsilon:g} ({exc})",
+                              "Use a larger ε, fewer rounds or local steps, or a smaller privacy.sample_rate.") \
+                from None
+        plans.append((setting, cfg))
+    check_runs([cfg for _, cfg in plans])
+    return plans
+
+
+def run_plans(plans: Sequence[tuple[Setting, FedtuneConfig]], out_dir: Path, engine: str, progress: bool = True,
+              on_result: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every planned run; return one result row per run, in order."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict[str, Any]] = []
+    reused = 0
+    bar = tqdm(plans, desc="runs", unit="run", disable=not progress)
+    for setting, cfg in bar:
+        bar.set_postfix_str(setting.key)
+        run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]
+        row = load_result(run_dir, cfg)
+        if row is None:
+            # A run without its result was interrupted (or configured differently):
+            # start it afresh rather than resume a half-written ledger.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run_federation(cfg, engine)
+            row = result_row(setting, cfg, read_run(run_dir), time.perf_counter() - started, run_dir, out_dir)
+            atomic_write_text(run_dir / RESULT_FILE,
+                              json.dumps({"config_hash": config_hash(cfg), "row": row}, indent=2))
+        else:
+            reused += 1
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+    bar.close()
+    if reused:
+        log.info("reused %d finished run(s) of %d", reused, len(plans))
+    return rows
+
+
+def reject_grid_overrides(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in GRID_FIELDS:
+            raise ConfigError(key, "is set by the experiment grid for every run, so an override would be ignored",
+                              f"Use {GRID_FIELDS[key]} instead.")
+
+
+def apply_overrides(base: FedtuneConfig, overrides: Sequence[str]) -> FedtuneConfig:
+    """Hydra-style ``section.field=value`` overrides, type-checked against the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return base
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "is not an override of the form section.field=value",
+                              "Write e.g. federation.num_rounds=5 or train.learning_rate=0.02.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "override"
+        raise ConfigError(str(key), str(exc).splitlines()[0],
+                          "Check the field name and its type against the configuration reference in README.md.") \
+            from None
