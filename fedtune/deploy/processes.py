@@ -39,9 +39,26 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this child when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def start(command: Sequence[str], log_path: Optional[Path] = None, env: Optional[dict[str, str]] = None,
-          cwd: Optional[Path] = None, new_session: bool = True) -> subprocess.Popen:
-    """Start ``command`` (logged first), output appended to ``log_path`` or inherited."""
+          cwd: Optional[Path] = None, new_session: bool = False) -> subprocess.Popen:
+    """Start ``command`` (logged first), output appended to ``log_path`` or inherited.
+
+    By default the child stays in our process group and is signalled if we die: a
+    SIGKILLed ``fedtune client`` must not leave an orphan SuperNode holding its port (and,
+    for a server, a SuperLink still accepting sites).
+    """
     log.info("starting: %s", shlex.join(command))
     out: Optional[IO[bytes]] = None
     if log_path is not None:
@@ -49,13 +66,15 @@ def start(command: Sequence[str], log_path: Optional[Path] = None, env: Optional
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
     try:
         return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                env=env or flower_env(), cwd=cwd, start_new_session=new_session)
+                                env=env or flower_env(), cwd=cwd, start_new_session=new_session,
+                                preexec_fn=None if new_session or not sys.platform.startswith("linux")
+                                else _die_with_parent)
     finally:
         if out is not None:
             out.close()
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 10.0, group: bool = True) -> Optional[int]:
+def stop(process: subprocess.Popen, timeout_s: float = 10.0, group: bool = False) -> Optional[int]:
     """SIGTERM (its whole process group when it leads one), then SIGKILL after ``timeout_s``."""
     if process.poll() is not None:
         return process.returncode
