@@ -111,7 +111,7 @@ def test_three_sites_tls_auth_dp_secagg_and_a_site_pinned_to_another_version(fed
     assert "https://127.0.0.1" in log
 
 
-def test_unknown_key_and_plain_text_connections_are_refused(federation, tmp_path: Path) -> None:
+def test_unknown_key_plain_text_and_control_api_from_the_site_side_are_refused(federation, tmp_path: Path) -> None:
     from fedtune.deploy.federation import load_federation
     from fedtune.deploy.operator import SuperLink
     from fedtune.deploy.pki import node_auth_keypair, write_public, write_secret
@@ -139,6 +139,13 @@ def test_unknown_key_and_plain_text_connections_are_refused(federation, tmp_path
 
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{fed.port}/", timeout=10)
+        # The sites' port exposes the Fleet API only: the Control API (enrol keys, submit runs) is not there,
+        # even over valid TLS.
+        ca = str(fed.kit("hosp-a") / "ca.crt")
+        assert httpx.post(f"https://127.0.0.1:{fed.port}/v1/control/list-runs", verify=ca, content=b"",
+                          timeout=10).status_code == 404
+        assert httpx.post(f"https://127.0.0.1:{fed.port}/v1/runtime/acquire-task", verify=ca, content=b"",
+                          timeout=10).status_code == 404
     finally:
         superlink.stop()
     server_log = superlink.log_path.read_text()

@@ -27,8 +27,12 @@ def init_federation_main(argv: list[str]) -> None:
     parser.add_argument("--sites", default="", help="comma-separated site ids, e.g. hospital-a,hospital-b")
     parser.add_argument("--add-sites", default="", help="enrol more sites into an existing federation")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address the SuperLink binds (default 127.0.0.1: only this machine can reach it)")
-    parser.add_argument("--port", type=int, default=9093)
+                        help="address the sites' gateway binds (default 127.0.0.1: only this machine; use "
+                             "0.0.0.0 or a public interface for real sites). The SuperLink itself always "
+                             "binds 127.0.0.1")
+    parser.add_argument("--port", type=int, default=9093, help="port the sites dial (the Fleet gateway)")
+    parser.add_argument("--control-port", type=int, default=None,
+                        help="the SuperLink's own port, on 127.0.0.1 only (default: --port + 1)")
     parser.add_argument("--tls-host", action="append", default=[],
                         help="extra DNS name or IP the sites dial, put in the certificate (repeatable)")
     parser.add_argument("--name", default="fedtune")
@@ -42,14 +46,16 @@ def init_federation_main(argv: list[str]) -> None:
             paths = add_sites(args.directory, [s.strip() for s in args.add_sites.split(",") if s.strip()])
         else:
             paths = init_federation(args.directory, [s.strip() for s in args.sites.split(",") if s.strip()],
-                                    host=args.host, port=args.port, tls_hosts=args.tls_host, name=args.name)
+                                    host=args.host, port=args.port, tls_hosts=args.tls_host, name=args.name,
+                                    control_port=args.control_port)
     except ConfigError as exc:
         _fail(exc)
     _, fed = load_federation(paths.root)
     if args.demo_data:
         write_demo_data(paths, fed, demo_records=args.demo_data)
     print(f"Federation '{fed.name}' in {paths.root}")
-    print(f"  SuperLink address: {fed.address} (certificate for {', '.join(fed.tls_hosts)})")
+    print(f"  Sites connect to:  {fed.address} (TLS, certificate for {', '.join(fed.tls_hosts)}; Fleet API only)")
+    print(f"  SuperLink:         127.0.0.1:{fed.control_port} (this machine only)")
     print(f"  Run settings:      {paths.server_config}")
     for site in fed.sites:
         print(f"  Site kit {site.site_id:<16} {paths.kit(site.site_id)}  key {site.fingerprint}")

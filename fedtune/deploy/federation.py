@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FEDERATION_FILE = "federation.yaml"
 SERVER_FILE = "server.yaml"
 DEFAULT_PORT = 9093
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 @dataclass
@@ -41,15 +42,22 @@ class EnrolledSite:
 @dataclass
 class Federation:
     name: str = "fedtune"
+    # Where sites connect: fedtune's Fleet gateway (TLS; only the Fleet API is forwarded).
     superlink_host: str = "127.0.0.1"
     superlink_port: int = DEFAULT_PORT
+    # The SuperLink itself (Fleet + Control + Runtime APIs): always 127.0.0.1, operator only.
+    control_port: int = DEFAULT_PORT + 1
     # Names/IPs in the SuperLink certificate (every address the sites dial).
     tls_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
     sites: list[EnrolledSite] = field(default_factory=list)
 
     @property
     def address(self) -> str:
-        return f"{self.superlink_host}:{self.superlink_port}"
+        """What sites dial: the bind host, or the first certificate name when binding all interfaces."""
+        host = self.superlink_host
+        if host in WILDCARDS:
+            host = next((h for h in self.tls_hosts if h not in ("127.0.0.1", "localhost")), "127.0.0.1")
+        return f"{host}:{self.superlink_port}"
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ def _check_site_ids(site_ids: list[str]) -> None:
 
 def init_federation(root: str | Path, site_ids: list[str], host: str = "127.0.0.1",
                     port: int = DEFAULT_PORT, tls_hosts: Optional[list[str]] = None,
-                    name: str = "fedtune") -> FederationPaths:
+                    name: str = "fedtune", control_port: Optional[int] = None) -> FederationPaths:
     """Create the CA, the SuperLink's certificate and one enrolment kit per site."""
     _check_site_ids(site_ids)
     paths = FederationPaths(Path(root).expanduser().resolve())
@@ -187,7 +195,14 @@ def init_federation(root: str | Path, site_ids: list[str], host: str = "127.0.0.
                           "Use a new directory, or `fedtune init-federation DIR --add-sites ...` to enrol more sites.")
     if not 1 <= port <= 65535:
         raise ConfigError("--port", f"{port} is not a TCP port", "Use e.g. 9093.")
-    hosts = list(dict.fromkeys([host, *(tls_hosts or []), "127.0.0.1", "localhost"]))
+    control_port = port + 1 if control_port is None else control_port
+    if not 1 <= control_port <= 65535 or control_port == port:
+        raise ConfigError("--control-port", f"{control_port} is not a TCP port other than --port {port}",
+                          "Use a free local port, e.g. 9094.")
+    hosts = [h for h in dict.fromkeys([host, *(tls_hosts or []), "127.0.0.1", "localhost"]) if h not in WILDCARDS]
+    if host in WILDCARDS and not tls_hosts:
+        raise ConfigError("--tls-host", f"--host {host} listens on every interface but names no address for the sites",
+                          "Add --tls-host with the DNS name or IP the sites will dial, e.g. --tls-host fl.example.org.")
     ca = pki.CertificateAuthority.create(name)
     pki.write_secret(paths.ca_key, ca.key_pem())
     pki.write_public(paths.ca_cert, ca.cert_pem())
@@ -195,7 +210,8 @@ def init_federation(root: str | Path, site_ids: list[str], host: str = "127.0.0.
     pki.write_public(paths.superlink_cert, cert)
     pki.write_secret(paths.superlink_key, key)
     pki.write_public(paths.superlink_ca, ca.cert_pem())
-    fed = Federation(name=name, superlink_host=host, superlink_port=port, tls_hosts=hosts)
+    fed = Federation(name=name, superlink_host=host, superlink_port=port, control_port=control_port,
+                     tls_hosts=hosts)
     _enrol(paths, fed, ca, site_ids)
     from fedtune.checkpoint import atomic_write_text
 

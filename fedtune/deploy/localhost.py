@@ -37,13 +37,15 @@ class LocalFederation:
     site_ids: list[str]
     demo_records: int = 1200
     port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
     server: Optional[subprocess.Popen] = None
     sites: dict[str, subprocess.Popen] = field(default_factory=dict)
     runtime_ports: dict[str, int] = field(default_factory=dict)
 
     def init(self) -> None:
         result = subprocess.run(fedtune_command("init-federation", str(self.root), "--sites", ",".join(self.site_ids),
-                                                "--port", str(self.port), "--demo-data", str(self.demo_records)),
+                                                "--port", str(self.port), "--control-port", str(self.control_port),
+                                                "--demo-data", str(self.demo_records)),
                                 capture_output=True, text=True, env=flower_env(), timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"init-federation failed: {result.stdout}{result.stderr}")

@@ -5,7 +5,8 @@ logged, and README.md shows them):
 
 1. ``flower-superlink --ssl-certfile … --ssl-keyfile … --ssl-ca-certfile …
    --enable-supernode-auth --disable-runtime-dependency-installation --database …
-   --host H --port P``
+   --host 127.0.0.1 --port CONTROL_PORT``, and fedtune's Fleet gateway on the address the
+   sites dial (see :mod:`fedtune.deploy.gateway` for why)
 2. ``flwr supernode register sites/<id>/auth.pub fedtune`` for every enrolled site
 3. ``flwr run <app> fedtune --run-config run_config.toml --stream``
 
@@ -72,12 +73,11 @@ def write_flwr_home(paths: FederationPaths, fed: Federation) -> Path:
     """The ``flwr`` CLI's config: one SuperLink connection named ``fedtune``, verified by our CA."""
     from fedtune.checkpoint import atomic_write_text
 
-    host = "127.0.0.1" if fed.superlink_host in ("0.0.0.0", "::", "") else fed.superlink_host
     atomic_write_text(paths.flwr_home / "config.toml", (
         "[superlink]\n"
         f'default = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
-        f'address = "{host}:{fed.superlink_port}"\n'
+        f'address = "127.0.0.1:{fed.control_port}"\n'
         f'root-certificates = "{paths.superlink_ca}"\n'
     ))
     return paths.flwr_home
@@ -143,6 +143,7 @@ class SuperLink:
         self.paths, self.fed = paths, fed
         self.log_path = paths.superlink_dir / "superlink.log"
         self.process: Optional[subprocess.Popen] = None
+        self.gateway = None
         self.env = processes.flower_env({"FLWR_HOME": str(write_flwr_home(paths, fed))})
 
     def command(self) -> list[str]:
@@ -152,13 +153,26 @@ class SuperLink:
                 "--ssl-ca-certfile", str(p.superlink_ca),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                 "--database", str(p.superlink_dir / "state.db"),
-                "--host", self.fed.superlink_host, "--port", str(self.fed.superlink_port)]
+                "--host", "127.0.0.1", "--port", str(self.fed.control_port)]
 
     def start(self, timeout_s: float = 60.0) -> None:
+        """The SuperLink on 127.0.0.1 only, then the Fleet gateway on the address sites dial."""
+        from fedtune.deploy.gateway import FleetGateway
+
         self.process = processes.start(self.command(), log_path=self.log_path, env=self.env)
-        processes.wait_for_port(self.fed.superlink_host, self.fed.superlink_port, timeout_s, self.process,
+        processes.wait_for_port("127.0.0.1", self.fed.control_port, timeout_s, self.process,
                                 "flower-superlink", self.log_path)
-        log.info("SuperLink up on %s (pid %d, log %s)", self.fed.address, self.process.pid, self.log_path)
+        log.info("SuperLink up on 127.0.0.1:%d, reachable from this machine only (pid %d, log %s)",
+                 self.fed.control_port, self.process.pid, self.log_path)
+        p = self.paths
+        self.gateway = FleetGateway(self.fed.superlink_host, self.fed.superlink_port,
+                                    f"https://127.0.0.1:{self.fed.control_port}", p.superlink_cert,
+                                    p.superlink_key, p.superlink_ca)
+        try:
+            self.gateway.start()
+        except RuntimeError:
+            self.stop()
+            raise
 
     def register_sites(self) -> dict[str, int]:
         """Enrol every site's public key; a key registered before (a restart) is fine."""
@@ -191,6 +205,8 @@ class SuperLink:
         return processes.start(command, env=self.env, new_session=False)
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.process is not None:
             processes.stop(self.process)
             log.info("SuperLink stopped")
