@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
-DATA_FORMATS = ("auto", "text", "instruction")
+DATA_FORMATS = ("auto", "text", "instruction", "labelled")
+TASKS = ("causal_lm", "classification")
 STRATEGIES = ("fedavg", "ffa")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -59,6 +60,10 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
+    # causal_lm: fine-tune the LM on text; classification: a sequence-classification head
+    # (trained with the adapter) over labelled records (data.format=labelled).
+    task: str = "causal_lm"
+    num_labels: int = 2
 
 
 @dataclass
@@ -66,6 +71,10 @@ class DataConfig:
     # A local JSONL file; null selects the built-in demo corpus.
     path: Optional[str] = None
     format: str = "auto"
+    # Labelled records ({"text": ..., "label": ...}): the label is an integer class
+    # index, or one of label_names (its position is the class index).
+    label_field: str = "label"
+    label_names: Optional[list[str]] = None
     # Field used by the Dirichlet partitioner to make sites differ (e.g. a speciality).
     group_field: Optional[str] = "source"
     partition: str = "dirichlet"
@@ -210,6 +219,26 @@ def validate(cfg: FedtuneConfig) -> None:
              f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
 
     _choice(d.format, DATA_FORMATS, "data.format")
+    _choice(m.task, TASKS, "model.task")
+    if m.task == "classification":
+        _require(d.format == "labelled", "data.format", f"'{d.format}' records carry no class labels",
+                 "Set data.format=labelled for model.task=classification "
+                 '(records like {"text": "...", "label": 1}).')
+        _require(m.num_labels >= 2, "model.num_labels", f"{m.num_labels} < 2", "Use the number of classes, e.g. 2.")
+        if d.path is None:
+            from fedtune.data.demo import speciality_names
+
+            classes = len(speciality_names())
+            _require(m.num_labels == classes, "model.num_labels",
+                     f"the demo corpus has {classes} classes (specialities), not {m.num_labels}",
+                     f"Set model.num_labels={classes}, or give a labelled JSONL in data.path.")
+        if d.label_names is not None:
+            _require(len(d.label_names) == m.num_labels, "data.label_names",
+                     f"{len(d.label_names)} names for model.num_labels={m.num_labels}",
+                     "List one name per class, in class-index order.")
+    else:
+        _require(d.format != "labelled", "data.format", "labelled records need a classification head",
+                 "Set model.task=classification (and model.num_labels), or use text/instruction records.")
     _choice(d.partition, PARTITIONS, "data.partition")
     _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
              "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")

@@ -1,13 +1,14 @@
-"""Held-out loss and perplexity of a (LoRA-adapted) causal LM."""
+"""Held-out loss and perplexity of a (LoRA-adapted) causal LM; loss and accuracy of a classifier."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from fedtune.data.encoding import Example, collate, token_losses
+from fedtune.data.encoding import Example, class_logits, collate, token_losses
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,19 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+    # Share of records whose most likely class is their label (classification only).
+    accuracy: Optional[float] = None
 
 
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int = 32) -> EvalResult:
-    """Token-weighted mean NLL over the target tokens of ``examples``, and exp of it."""
+    """Token-weighted mean NLL over the target tokens of ``examples``, and exp of it.
+
+    Labelled examples (a classifier) give the mean cross-entropy per record, exp of it,
+    and the accuracy.
+    """
+    if examples and examples[0].label is not None:
+        return evaluate_classifier(model, examples, pad_id, batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
@@ -33,3 +42,23 @@ def evaluate_lm(model: torch.nn.Module, examples: list[Example], pad_id: int, ba
         model.train(was_training)
     loss = total / max(count, 1.0)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(count))
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, examples: list[Example], pad_id: int,
+                        batch_size: int = 32) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id)
+            logits = class_logits(model, batch)
+            total += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == batch.labels).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(examples), 1)
+    loss = total / n
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=sum(len(e.input_ids) for e in examples),
+                      accuracy=correct / n)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     ByT5Tokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -51,7 +54,9 @@ def build_tokenizer() -> PreTrainedTokenizerBase:
     return ByT5Tokenizer(extra_ids=0)
 
 
-def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
+def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int, num_labels: Optional[int] = None
+                     ) -> PreTrainedModel:
+    """The built-in tiny Llama: a causal LM, or (``num_labels``) a sequence classifier."""
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
@@ -68,6 +73,10 @@ def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int) -> Llama
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
+        if num_labels is not None:
+            config.num_labels = num_labels
+            # The classifier reads the last non-padding token; the body matches the LM's.
+            return LlamaForSequenceClassification(config)
         model = LlamaForCausalLM(config)
         # A random frozen head with the usual std of 0.02 caps every logit near ±1.3,
         # so no adapter could make the model confident (loss floor ~4.5 nats/byte).
@@ -79,19 +88,41 @@ def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int) -> Llama
     return model
 
 
+def is_classifier(cfg: ModelConfig) -> bool:
+    return cfg.task == "classification"
+
+
 def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (or build) the frozen base model and its tokenizer, on CPU, in float32."""
+    """Load (or build) the frozen base model and its tokenizer, on CPU, in float32.
+
+    For ``model.task=classification`` the model carries a new classification head of
+    ``model.num_labels`` outputs, initialised under ``model.seed`` so that every party
+    starts from the same head (it is trained and averaged with the adapter).
+    """
+    num_labels = cfg.num_labels if is_classifier(cfg) else None
     if cfg.path is None:
         tokenizer = build_tokenizer()
-        model = build_tiny_model(cfg.tiny, vocab_size=len(tokenizer), seed=cfg.seed)
+        model = build_tiny_model(cfg.tiny, vocab_size=len(tokenizer), seed=cfg.seed, num_labels=num_labels)
     else:
         path = Path(cfg.path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         # safetensors weights are memory-mapped by from_pretrained; float32 because
         # DP noise added to low-precision gradients is rounded away.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if num_labels is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(cfg.seed)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                                           num_labels=num_labels)
+            finally:
+                torch.random.set_rng_state(generator_state)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if num_labels is not None and getattr(model.config, "pad_token_id", None) is None:
+        # The classifier finds each record's last real token through the padding id.
+        model.config.pad_token_id = tokenizer.pad_token_id
     for param in model.parameters():
         param.requires_grad_(False)
     return model, tokenizer
@@ -111,10 +142,13 @@ def target_modules_for(model: PreTrainedModel, lora: LoraSettings) -> list[str]:
     )
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0) -> PeftModel:
+def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0, task_type: str = "CAUSAL_LM"
+                ) -> PeftModel:
     """Wrap the base model with LoRA; the adapter's initial A is a function of ``seed``.
 
     The seed matters for FFA-LoRA, where A stays at this shared initialisation forever.
+    With ``task_type="SEQ_CLS"`` peft also makes the classification head (``score`` or
+    ``classifier``) a trained, saved module next to the LoRA tensors.
     """
     config = LoraConfig(
         r=lora.rank,
@@ -123,7 +157,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0) -> Pe
         target_modules=target_modules_for(model, lora),
         use_dora=False,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed + 1)
@@ -136,14 +170,21 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0) -> Pe
 
 def build_lora_model(cfg: ModelConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     model, tokenizer = load_base_model(cfg)
-    return attach_lora(model, cfg.lora, seed=cfg.seed), tokenizer
+    task_type = "SEQ_CLS" if is_classifier(cfg) else "CAUSAL_LM"
+    return attach_lora(model, cfg.lora, seed=cfg.seed, task_type=task_type), tokenizer
 
 
 def lora_parameter_names(model: PeftModel, only_b: bool = False) -> list[str]:
-    """Names (as in ``named_parameters``) of the LoRA tensors, in a fixed order."""
-    names = [n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    """Names (as in ``named_parameters``) of the adapter's tensors, in a fixed order.
+
+    The LoRA tensors, plus the trained copy of a classification head (peft's
+    ``modules_to_save``), which travels and is averaged like them.  ``only_b`` (FFA-LoRA)
+    leaves out every lora_A but keeps the head: it is new, so it must be trained.
+    """
+    names = [n for n, _ in model.named_parameters()
+             if ".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n]
     if only_b:
-        names = [n for n in names if ".lora_B." in n]
+        names = [n for n in names if ".lora_A." not in n]
     return names
 
 

@@ -105,9 +105,9 @@ def test_quick_sweep_of_two_settings_end_to_end(tmp_path: Path, capsys: pytest.C
     dp, plain = rows
     assert 1.9 < float(dp["epsilon_spent"]) <= 2.0 and plain["epsilon_spent"] == "inf"
     for row in rows:
-        assert int(row["rounds_completed"]) == 3
+        assert int(row["rounds_completed"]) == 4
         assert float(row["final_eval_loss"]) < float(row["initial_eval_loss"])
-        assert len(json.loads(row["eval_loss_by_round"])) == 4
+        assert len(json.loads(row["eval_loss_by_round"])) == 5
         assert (out / row["run_dir"] / "metrics.jsonl").is_file()
     table = (out / "table.md").read_text()
     assert "Held-out loss" in table and "Held-out perplexity" in table and "± 0.000" in table
@@ -115,7 +115,7 @@ def test_quick_sweep_of_two_settings_end_to_end(tmp_path: Path, capsys: pytest.C
         assert (out / png).stat().st_size > 5000
     record = json.loads((out / "experiment.json").read_text())
     assert record["versions"]["fedtune"] and record["spec"]["epsilons"] == [2.0, "inf"]
-    assert record["base_config"]["federation"]["num_rounds"] == 3
+    assert record["base_config"]["federation"]["num_rounds"] == 4
 
     # Resumable: a second invocation reuses both runs and rewrites the same table.
     marker = out / "runs" / dp["run_dir"].split("/")[-1] / "metrics.jsonl"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.config import DataConfig
-from fedtune.data.demo import demo_corpus
+from fedtune.data.demo import demo_classification_corpus, demo_corpus
 from fedtune.data.partition import partition, train_eval_split
 from fedtune.data.records import DataError, Record, load_jsonl
 
@@ -31,8 +31,11 @@ class FederatedData:
 
 def load_records(cfg: DataConfig) -> list[Record]:
     if cfg.path is None:
+        if cfg.format == "labelled":
+            return demo_classification_corpus(cfg.demo_records, seed=cfg.seed)
         return demo_corpus(cfg.demo_records, seed=cfg.seed)
-    return load_jsonl(cfg.path, fmt=cfg.format, group_field=cfg.group_field)
+    return load_jsonl(cfg.path, fmt=cfg.format, group_field=cfg.group_field, label_field=cfg.label_field,
+                      label_names=cfg.label_names)
 
 
 def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
@@ -44,7 +47,8 @@ def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
     site_indices = [[train_idx[j] for j in part] for part in parts]
     if cfg.canary_path is not None:
         # Audit canaries join one site's training data only (never the held-out set).
-        canaries = load_jsonl(cfg.canary_path, fmt=cfg.format, group_field=cfg.group_field)
+        canaries = load_jsonl(cfg.canary_path, fmt=cfg.format, group_field=cfg.group_field,
+                              label_field=cfg.label_field, label_names=cfg.label_names)
         site_indices[cfg.canary_site].extend(range(len(records), len(records) + len(canaries)))
         records = records + canaries
     return FederatedData(records=records, site_indices=site_indices, eval_indices=eval_idx)

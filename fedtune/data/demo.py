@@ -92,3 +92,17 @@ def demo_corpus(n_records: int, seed: int = 0) -> list[Record]:
     names = speciality_names()
     return [Record(prompt="", response=make_note(rng, names[i % len(names)]), group=names[i % len(names)])
             for i in range(n_records)]
+
+
+def demo_classification_corpus(n_records: int, seed: int = 0) -> list[Record]:
+    """The demo notes labelled by speciality (class index in :func:`speciality_names` order).
+
+    The opening sentence names the speciality, so it is left out: the classifier must
+    tell cardiology from dermatology by the complaint, finding and plan.
+    """
+    names = speciality_names()
+    records = []
+    for record in demo_corpus(n_records, seed):
+        body = record.response.split(". ", 1)[1]
+        records.append(Record(prompt="", response=body, group=record.group, label=names.index(str(record.group))))
+    return records

@@ -13,6 +13,7 @@ per-record sensitivity argument of DP-SGD relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -25,9 +26,13 @@ class Example:
     input_ids: tuple[int, ...]
     # 1 where the token is a prediction target (response tokens), else 0.
     target_mask: tuple[int, ...]
+    # The class index of a labelled record (classification); None for language modelling.
+    label: Optional[int] = None
 
 
 def encode(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+    if record.label is not None:
+        return encode_labelled(record, tokenizer, max_length)
     prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else []
     response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -42,6 +47,15 @@ def encode(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) 
     return Example(tuple(ids), tuple(mask))
 
 
+def encode_labelled(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+    """The text, cut to fit, then EOS: the classifier reads the last real token."""
+    ids = tokenizer(record.response, add_special_tokens=False)["input_ids"][:max_length - 2]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = bos + ids + eos
+    return Example(tuple(ids), tuple([0] * len(ids)), label=int(record.label))  # type: ignore[arg-type]
+
+
 def encode_all(records: list[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
     return [encode(r, tokenizer, max_length) for r in records]
 
@@ -51,6 +65,8 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor
+    # [B] class indices for classification batches, else None.
+    labels: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -67,7 +83,10 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(example.input_ids)
         attn[row, :n] = 1
         target[row, :n] = torch.tensor(example.target_mask)
-    return Batch(ids, attn, target)
+    labels = None
+    if examples[0].label is not None:
+        labels = torch.tensor([int(e.label) for e in examples], dtype=torch.long)  # type: ignore[arg-type]
+    return Batch(ids, attn, target, labels)
 
 
 def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +101,15 @@ def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, to
     return nll * scored, scored
 
 
+def class_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """[B, num_labels] logits of a sequence classifier (pooled at each record's last real token)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
 def per_record_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean NLL over each record's own target tokens: shape [B]."""
+    """Each record's own loss, shape [B]: mean NLL over its target tokens, or, for a
+    labelled batch, the cross-entropy of its class."""
+    if batch.labels is not None:
+        return torch.nn.functional.cross_entropy(class_logits(model, batch), batch.labels, reduction="none")
     nll, scored = token_losses(model, batch)
     return nll.sum(dim=1) / scored.sum(dim=1).clamp(min=1.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class DataError(ValueError):
@@ -19,14 +19,36 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One training record.  Loss is taken on ``response`` only; plain text has no prompt."""
+    """One training record.  Loss is taken on ``response`` only; plain text has no prompt.
+
+    A labelled record (classification) holds its text in ``response`` and its class index
+    in ``label``.
+    """
 
     prompt: str
     response: str
     group: Optional[str] = None
+    label: Optional[int] = None
 
 
-def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: str) -> Record:
+def _label_from_json(obj: dict, label_field: str, label_names: Optional[Sequence[str]], where: str) -> int:
+    raw = obj.get(label_field)
+    names = list(label_names) if label_names is not None else None
+    if isinstance(raw, bool) or raw is None:
+        raise DataError(f'{where}: missing "{label_field}" field. Labelled records look like '
+                        f'{{"text": "...", "{label_field}": 1}} (set data.label_field if yours is named otherwise).')
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and names is not None and raw in names:
+        return names.index(raw)
+    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        return int(raw)
+    raise DataError(f'{where}: label {raw!r} is neither a class index nor one of data.label_names '
+                    f'({names}). Use integers 0..num_labels-1, or list the names in data.label_names.')
+
+
+def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: str,
+                      label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. "
                         'Write one object per line, e.g. {"text": "..."}.')
@@ -34,6 +56,14 @@ def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: 
     group = None if group is None else str(group)
     if fmt == "auto":
         fmt = "instruction" if "prompt" in obj or "response" in obj else "text"
+    if fmt == "labelled":
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f'{where}: missing or empty "text" field. Labelled records look like '
+                            f'{{"text": "...", "{label_field}": 1}}.')
+        label = _label_from_json(obj, label_field, label_names, where)
+        # Without a group label, the Dirichlet partitioner skews sites by class.
+        return Record(prompt="", response=text, group=group if group is not None else str(label), label=label)
     if fmt == "text":
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -48,7 +78,8 @@ def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: 
     return Record(prompt=prompt, response=response, group=group)
 
 
-def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] = None) -> list[Record]:
+def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] = None,
+               label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> list[Record]:
     """Read every record of a JSONL file; raise DataError on the first malformed line."""
     path = Path(path)
     records: list[Record] = []
@@ -61,7 +92,7 @@ def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] =
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from exc
-            records.append(_record_from_json(obj, fmt, group_field, where))
+            records.append(_record_from_json(obj, fmt, group_field, where, label_field, label_names))
     if not records:
         raise DataError(f"{path}: no records. Give a JSONL file with one JSON object per line.")
     return records

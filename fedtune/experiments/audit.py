@@ -139,19 +139,30 @@ def make_canaries(m: int, length: int, seed: int) -> tuple[list[str], np.ndarray
     return canaries, included
 
 
-def write_canaries(path: Path, canaries: Sequence[str], included: Optional[np.ndarray] = None) -> None:
-    """JSONL readable in every data.format ("text", or an instruction with an empty prompt)."""
+def canary_labels(m: int, num_labels: int, seed: int) -> np.ndarray:
+    """Random classes for classification canaries: a record the model can only fit by memorising it."""
+    return np.random.default_rng([seed, 3]).integers(0, num_labels, size=m)
+
+
+def write_canaries(path: Path, canaries: Sequence[str], included: Optional[np.ndarray] = None,
+                   labels: Optional[Sequence[int]] = None, label_field: str = "label") -> None:
+    """JSONL readable in every data.format ("text", or an instruction with an empty prompt;
+    "labelled" when ``labels`` are given)."""
     lines = []
     for i, text in enumerate(canaries):
         row: dict[str, Any] = {"text": text, "prompt": "", "response": text}
+        if labels is not None:
+            row[label_field] = int(labels[i])
         if included is not None:
             row["included"] = bool(included[i])
         lines.append(json.dumps(row))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def canary_losses(cfg: FedtuneConfig, texts: Sequence[str], state: Optional[dict[str, np.ndarray]]) -> np.ndarray:
-    """Each canary's mean per-token loss under the adapter ``state`` (None: the initial adapter)."""
+def canary_losses(cfg: FedtuneConfig, texts: Sequence[str], state: Optional[dict[str, np.ndarray]],
+                  labels: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Each canary's loss under the adapter ``state`` (None: the initial adapter): mean per-token
+    loss, or with ``labels`` (classification) the cross-entropy of its class."""
     import torch
 
     from fedtune import adapters
@@ -162,7 +173,8 @@ def canary_losses(cfg: FedtuneConfig, texts: Sequence[str], state: Optional[dict
     if state is not None:
         adapters.load_lora_state(model, state)
     model.eval()
-    examples = encode_all([Record(prompt="", response=t) for t in texts], tokenizer, cfg.data.max_length)
+    examples = encode_all([Record(prompt="", response=t, label=None if labels is None else int(labels[i]))
+                           for i, t in enumerate(texts)], tokenizer, cfg.data.max_length)
     losses = []
     with torch.no_grad():
         for start in range(0, len(examples), 64):
@@ -245,9 +257,13 @@ def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: boo
     validate_spec(spec, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     canaries, included = make_canaries(spec.canaries, spec.canary_length, spec.seed)
-    write_canaries(out_dir / "canaries.jsonl", canaries, included)
+    labels = (canary_labels(spec.canaries, base.model.num_labels, spec.seed)
+              if base.model.task == "classification" else None)
+    write_canaries(out_dir / "canaries.jsonl", canaries, included, labels, base.data.label_field)
     inserted = out_dir / "inserted_canaries.jsonl"
-    write_canaries(inserted, [c for c, keep in zip(canaries, included) if keep])
+    keep = np.flatnonzero(included)
+    write_canaries(inserted, [canaries[i] for i in keep], None, None if labels is None else labels[keep],
+                   base.data.label_field)
 
     base = dataclasses.replace(base, data=dataclasses.replace(base.data, canary_path=str(inserted.resolve())))
     settings = [Setting(eps, base.federation.strategy, base.federation.num_sites, base.data.partition, spec.seed,
@@ -262,7 +278,7 @@ def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: boo
     for setting, cfg in plans:
         run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]
         checkpoint = load_checkpoint(run_dir / "checkpoint")
-        scores = canary_losses(cfg, canaries, checkpoint[1] if checkpoint else None)
+        scores = canary_losses(cfg, canaries, checkpoint[1] if checkpoint else None, labels)
         runs.append({
             "key": setting.key,
             "epsilon_target": "inf" if math.isinf(setting.epsilon) else setting.epsilon,

@@ -46,6 +46,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="flower: Flower's simulation engine (Ray), default for full size; inprocess: the "
                              "same ServerApp/ClientApp code without Ray, default for --quick")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--task", choices=("causal_lm", "classification"), default=None,
+                        help="classification: a sequence-classification head with LoRA over labelled records "
+                             "(the demo corpus's specialities by default); sets model.task and data.format")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides of the base configuration, e.g. federation.num_rounds=5")
 
@@ -93,7 +96,8 @@ def run_utility_command(args: argparse.Namespace) -> None:
 
     grid_flags = [args.seeds, args.epsilons, args.partitions, args.alpha, args.strategies, args.sites]
     if args.spec is not None:
-        if args.overrides or any(v is not None for v in grid_flags) or args.no_centralised or args.quick:
+        if args.overrides or any(v is not None for v in grid_flags) or args.no_centralised or args.quick \
+                or args.task is not None:
             raise ConfigError("--spec", "is combined with other grid flags or overrides",
                               "Rerun a recorded experiment with --spec FILE --out DIR only.")
         spec, base = utility.load_experiment_record(args.spec)
@@ -101,6 +105,8 @@ def run_utility_command(args: argparse.Namespace) -> None:
         spec = utility.quick_spec() if args.quick else utility.UtilitySpec()
         base = utility.quick_base() if args.quick else utility.full_base()
         reject_grid_overrides(args.overrides)
+        if args.task is not None:
+            base = utility.set_task(base, args.task)
         base = apply_overrides(base, args.overrides)
         if args.seeds is not None:
             if args.seeds < 1:
@@ -133,6 +139,10 @@ def run_audit_command(args: argparse.Namespace) -> None:
     reject_grid_overrides([o for o in args.overrides
                            if o.split("=", 1)[0] not in ("federation.strategy", "federation.num_sites",
                                                          "data.partition", "data.dirichlet_alpha")])
+    if args.task is not None:
+        from fedtune.experiments.utility import set_task
+
+        base = set_task(base, args.task)
     base = apply_overrides(base, args.overrides)
     for name, value in (("canaries", args.canaries), ("canary_length", args.canary_length),
                         ("epsilons", args.epsilons), ("confidence", args.confidence), ("seed", args.seed),

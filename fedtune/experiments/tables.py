@@ -99,6 +99,8 @@ def _fmt_eps(eps: float) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], metric: str) -> str:
     title, spec = METRICS[metric]
+    if metric == "final_eval_loss" and has_metric(rows, "final_eval_accuracy"):
+        title = "Held-out cross-entropy (nats/record)"
     stats = summarise(rows, metric)
     epsilons = epsilons_in_order(rows)
     lines = [f"| setting | {' | '.join(f'ε={_fmt_eps(e)}' for e in epsilons)} |",
@@ -127,8 +129,10 @@ def write_tables(rows: Sequence[dict[str, Any]], path: Path, provenance: str = "
     parts = ["# Utility against privacy", "", head, ""]
     if provenance:
         parts += [provenance, ""]
+    classification = has_metric(rows, "final_eval_accuracy")
     for metric in METRICS:
-        if has_metric(rows, metric):
+        # Perplexity is a language-modelling measure; a classifier reports accuracy instead.
+        if has_metric(rows, metric) and not (classification and metric == "final_eval_perplexity"):
             parts.append(markdown_table(rows, metric))
     text = "\n".join(parts)
     atomic_write_text(path, text)

@@ -59,8 +59,9 @@ def quick_base() -> FedtuneConfig:
     cfg.model.lora.rank = 4
     cfg.data.demo_records = 600
     cfg.data.max_length = 96
-    cfg.federation.num_rounds = 3
-    cfg.train.local_steps = 8
+    cfg.federation.num_rounds = 4
+    cfg.train.local_steps = 10
+    cfg.train.learning_rate = 0.02
     cfg.privacy.sample_rate = 0.1
     return harness_defaults(cfg)
 
@@ -75,6 +76,25 @@ def harness_defaults(cfg: FedtuneConfig) -> FedtuneConfig:
     # on training.  secagg.enabled=true turns it back on for runs with >= 3 sites.
     cfg.secagg.enabled = False
     cfg.log_level = "WARNING"
+    return cfg
+
+
+def set_task(cfg: FedtuneConfig, task: str) -> FedtuneConfig:
+    """``--task classification``: a classification head over labelled records.
+
+    On the demo corpus the labels are the six specialities; for a JSONL file set
+    model.num_labels (and data.label_names for string labels) as overrides.
+    """
+    if task == "classification":
+        from fedtune.data.demo import speciality_names
+
+        cfg.model.task = "classification"
+        cfg.data.format = "labelled"
+        if cfg.data.path is None:
+            cfg.model.num_labels = len(speciality_names())
+    elif task != "causal_lm":
+        raise ConfigError("--task", f"'{task}' is not causal_lm or classification",
+                          "Use --task causal_lm (default) or --task classification.")
     return cfg
 
 

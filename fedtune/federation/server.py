@@ -283,6 +283,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             "train_loss": float(np.mean(train_losses)) if train_losses else None,
             "eval_loss": result.loss,
             "eval_perplexity": result.perplexity,
+            "eval_accuracy": result.accuracy,
             "max_epsilon": reporting.json_number(max(epsilons)),
             "round_seconds": time.perf_counter() - round_started,
             "aggregation_seconds": aggregation_seconds,
