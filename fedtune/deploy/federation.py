@@ -134,7 +134,7 @@ ledger_path: ledger.sqlite         # your privacy ledger: keep it, it is your bu
 model_path: null                   # local copy of the base model when the federation uses one
 device: cpu
 torch_threads: 1
-runtime_port: {9094 + port_offset}                 # local only (127.0.0.1): SuperNode <-> fedtune executor
+runtime_port: {9100 + port_offset}                 # local only (127.0.0.1): SuperNode <-> fedtune executor
 state_dir: state
 app:
   publisher: fedtune

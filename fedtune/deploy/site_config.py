@@ -62,7 +62,7 @@ class SiteConfig:
     device: str = "cpu"
     torch_threads: int = 1
     # The SuperNode's local Runtime API, where this site's executor fetches tasks.
-    runtime_port: int = 9094
+    runtime_port: int = 9100
     # How often the SuperNode asks the SuperLink for work while idle (Flower's own: 3 s).
     poll_interval_s: float = 0.5
     state_dir: str = "state"
@@ -104,7 +104,7 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
              "Use cpu or cuda (cuda:N for a given GPU).")
     _require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
     _require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
-             "Use a free local port between 1024 and 65535, e.g. 9094.")
+             "Use a free local port between 1024 and 65535, e.g. 9100.")
     _require(0.05 <= site.poll_interval_s <= 60, "poll_interval_s", f"{site.poll_interval_s} s is out of range",
              "Use between 0.05 and 60 seconds, e.g. 0.5.")
     if check_files:
