@@ -96,7 +96,8 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
         budget = deployed.budget
         settings = site.SiteSettings(name=deployed.site_id, ledger_path=deployed.resolve(deployed.ledger_path),
                                      budget_epsilon=budget.epsilon, delta=budget.delta,
-                                     accountant=budget.accountant, require_privacy=budget.require_privacy)
+                                     accountant=budget.accountant, require_privacy=budget.require_privacy,
+                                     device=deployed.device)
         return settings, config
 
     def records_of(context: Context, config: FedtuneConfig) -> list:

@@ -89,6 +89,12 @@ def test_site_yaml_template_loads_and_every_bad_value_names_its_field(fed_dir: P
         with pytest.raises(ConfigError) as err:
             load_site_config(site_yaml, [override])
         assert err.value.field == field_name, override
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device") as err:
+            load_site_config(site_yaml, ["device=cuda"])
+        assert err.value.field == "device"
     with pytest.raises(ConfigError, match="budget.epsilonn|epsilonn"):
         load_site_config(site_yaml, ["budget.epsilonn=3"])
     with pytest.raises(ConfigError, match="--site-config"):

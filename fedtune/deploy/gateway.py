@@ -29,8 +29,16 @@ _HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-
                 "upgrade", "proxy-authorization", "proxy-authenticate"}
 
 
-def make_app(upstream: str, ca_file: Path, timeout_s: float = 300.0):  # type: ignore[no-untyped-def]
-    """A Starlette app forwarding Fleet API calls to ``upstream`` (``https://127.0.0.1:PORT``)."""
+DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
+
+
+def make_app(upstream: str, ca_file: Path, timeout_s: float = 300.0,  # type: ignore[no-untyped-def]
+             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """A Starlette app forwarding Fleet API calls to ``upstream`` (``https://127.0.0.1:PORT``).
+
+    A request body over ``max_body_bytes`` is refused (413) before it is buffered: the
+    gateway faces the network and must not be made to hold an arbitrary upload in memory.
+    """
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -51,9 +59,20 @@ def make_app(upstream: str, ca_file: Path, timeout_s: float = 300.0):  # type: i
                 log.warning("gateway: refused %s from %s (only the Fleet API is exposed to sites)",
                             f"{request.method} {path}", peer)
             return Response(status_code=404)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            log.warning("gateway: refused a %s-byte %s (limit %d bytes)", declared, path, max_body_bytes)
+            return Response(status_code=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                log.warning("gateway: refused %s: body over %d bytes", path, max_body_bytes)
+                return Response(status_code=413)
+            chunks.append(chunk)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         try:
-            upstream_response = await client.post(path, content=await request.body(), headers=headers)
+            upstream_response = await client.post(path, content=b"".join(chunks), headers=headers)
         except httpx.HTTPError as exc:
             log.warning("gateway: the SuperLink did not answer %s: %s", path, exc)
             return Response(status_code=502)

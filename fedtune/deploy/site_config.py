@@ -102,6 +102,11 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
              f"Use one of {', '.join(DATA_FORMATS)}.")
     _require(site.device == "cpu" or site.device.startswith("cuda"), "device", f"unknown device {site.device!r}",
              "Use cpu or cuda (cuda:N for a given GPU).")
+    if site.device.startswith("cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(), "device", f"{site.device} asked for but torch sees no CUDA device",
+                 "Install a CUDA build of torch and check the GPU, or set device: cpu.")
     _require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
     _require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
              "Use a free local port between 1024 and 65535, e.g. 9100.")

@@ -42,6 +42,8 @@ class SiteSettings:
     delta: float
     accountant: str
     require_privacy: bool
+    # Where this site trains ("cpu", "cuda", "cuda:1"); a deployed site sets it in site.yaml.
+    device: str = "cpu"
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
@@ -111,6 +113,8 @@ def local_update(rc: protocol.RoundConfig, global_state: dict, site: SiteSetting
     adapters.load_lora_state(model, global_state)
     trained = lora_parameter_names(model, only_b=(rc.strategy == "ffa"))
     set_trainable(model, trained)
+    # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
+    model.to(site.device)
     examples = encode_all(records, tokenizer, cfg.data.max_length)
     seed = cfg.train.seed
     sample_seed = secrets.randbits(63) if seed is None else stable_seed(seed, site.name, rc.round, "sampling")

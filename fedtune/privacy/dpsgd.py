@@ -29,6 +29,7 @@ Two Opacus behaviours need care here and are handled in this file:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -98,7 +99,8 @@ class DPSGDTrainer:
             # from it could be replayed and subtracted.  Seed from OS entropy unless a
             # test pins it.  (Opacus' secure_mode needs torchcsprng, unmaintained.)
             seed = noise_seed if noise_seed is not None else secrets.randbits(63)
-            generator = torch.Generator().manual_seed(seed)
+            # Opacus draws the noise on the parameters' device with this generator.
+            generator = torch.Generator(device=self.trainable[0].device).manual_seed(seed)
             self.optimizer: torch.optim.Optimizer = DPOptimizer(
                 base,
                 noise_multiplier=params.noise_multiplier,
@@ -164,15 +166,24 @@ class DPSGDTrainer:
         return loss
 
 
+def _on_device(batch: Batch, device: torch.device) -> Batch:
+    moved = {f.name: (v.to(device) if isinstance(v := getattr(batch, f.name), torch.Tensor) else v)
+             for f in dataclasses.fields(batch)}
+    return type(batch)(**moved)
+
+
 def train_locally(model: torch.nn.Module, examples: list[Example], params: DPSGDParams, pad_id: int,
                   seed: int, noise_seed: Optional[int] = None) -> LocalTrainResult:
     """Run ``params.steps`` DP-SGD steps on a site's examples."""
     sampler = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     losses: list[float] = []
     empty = seen = 0
     with DPSGDTrainer(model, params, num_records=len(examples), noise_seed=noise_seed) as trainer:
         for indices in poisson_batches(len(examples), params.sample_rate, params.steps, sampler):
             batch = collate([examples[i] for i in indices], pad_id) if indices else None
+            if batch is not None and device.type != "cpu":
+                batch = _on_device(batch, device)
             loss = trainer.step(batch)
             if indices:
                 losses.append(loss)
