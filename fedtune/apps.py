@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from fedtune.deploy.site_config import SiteConfig
 
 RUN_CONFIG_KEY = "fedtune-config"
+# Deployment only: JSON {node_id: site_id} of the enrolled keys, written by `fedtune server`.
+SITES_KEY = "fedtune-sites"
 
 
 def config_from_context(context: Context, fallback: Optional[FedtuneConfig]) -> FedtuneConfig:
@@ -66,9 +68,11 @@ def make_server_app(cfg: Optional[FedtuneConfig] = None,
         config = config_from_context(context, cfg)
         ensure_logging(config.log_level)
         fed = config.federation
+        raw_sites = str(context.run_config.get(SITES_KEY, "") or "")
+        enrolled = {int(node): str(site) for node, site in json.loads(raw_sites).items()} if raw_sites else None
         summary = run_server(grid, config, run_dir_of(config),
                              wait_timeout_s=wait_timeout_s or fed.wait_for_sites_s,
-                             round_timeout_s=fed.round_timeout_s)
+                             round_timeout_s=fed.round_timeout_s, enrolled=enrolled)
         if on_done is not None:
             on_done(summary)
 

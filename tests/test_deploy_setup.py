@@ -132,12 +132,14 @@ def test_server_config_is_validated_before_anything_starts(fed_dir: Path) -> Non
 def test_run_config_and_app_round_trip_for_flwr_run(fed_dir: Path) -> None:
     paths, fed = load_federation(fed_dir)
     cfg = load_server_config(paths, fed, None, ["federation.num_sites=3", "federation.num_rounds=4"])
-    run_config = tomllib.loads(write_run_config(paths, cfg).read_text())
+    run_config = tomllib.loads(write_run_config(paths, cfg, {12345678901234567890: "hosp-a"}).read_text())
     assert from_dict(json.loads(run_config["fedtune-config"])) == cfg
+    assert json.loads(run_config["fedtune-sites"]) == {"12345678901234567890": "hosp-a"}
     app = write_app(paths)
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["project"]["version"] == __version__
     assert project["tool"]["flwr"]["app"]["publisher"] == "fedtune"
+    assert set(project["tool"]["flwr"]["app"]["config"]) == {"fedtune-config", "fedtune-sites"}
     assert (app / "client" / "app.py").is_file() and (app / "server" / "app.py").is_file()
 
 

@@ -141,3 +141,17 @@ def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
     for name, value in after_one.items():
         np.testing.assert_array_equal(sent_state[name], value)
     assert math.isfinite(summary.rows[0]["eval_loss"])
+
+
+def test_a_node_claiming_another_sites_name_is_not_scheduled(tiny_cfg: FedtuneConfig, caplog) -> None:
+    from fedtune.federation.server import discover_sites
+
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3)
+    # In simulation node 100+i answers "site-0i".  Enrolment says node 102's key was issued to site-03.
+    enrolled = {100: "site-00", 101: "site-01", 102: "site-03"}
+    with caplog.at_level(logging.ERROR, logger="fedtune"):
+        sites = discover_sites(grid, grid.get_node_ids(), timeout_s=10, enrolled=enrolled)
+    assert [(s.node_id, s.name) for s in sites] == [(100, "site-00"), (101, "site-01")]
+    assert "node 102 claims to be site 'site-02'" in caplog.text
+    # Without an enrolment map (simulation) every node is taken at its word.
+    assert len(discover_sites(grid, grid.get_node_ids(), timeout_s=10)) == 3

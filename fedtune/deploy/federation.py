@@ -37,6 +37,8 @@ class EnrolledSite:
     site_id: str
     public_key: str
     fingerprint: str
+    # The SuperLink's node id for this key, recorded when `fedtune server` first enrols it.
+    node_id: Optional[int] = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Optional
 from fedtune import __version__
 from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate
 from fedtune.deploy import processes
-from fedtune.deploy.federation import Federation, FederationPaths
+from fedtune.deploy.federation import Federation, FederationPaths, save_federation
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +120,24 @@ clientapp = "client.app:app"
 
 [tool.flwr.app.config]
 fedtune-config = ""
+fedtune-sites = ""
 """)
     return app
 
 
-def write_run_config(paths: FederationPaths, cfg: FedtuneConfig) -> Path:
+def write_run_config(paths: FederationPaths, cfg: FedtuneConfig, enrolled: Optional[dict[int, str]] = None) -> Path:
+    """The run config for ``flwr run``: the shared settings and which node id is which site."""
     from fedtune.checkpoint import atomic_write_text
 
-    payload = json.dumps(to_dict(cfg), sort_keys=True)
+    def literal(payload: str) -> str:
+        # A TOML literal string cannot hold a single quote; escape it inside the JSON.
+        return "'" + payload.replace("'", "\\u0027") + "'"
+
+    lines = [f"fedtune-config = {literal(json.dumps(to_dict(cfg), sort_keys=True))}"]
+    if enrolled:
+        lines.append(f"fedtune-sites = {literal(json.dumps({str(k): v for k, v in enrolled.items()}))}")
     target = paths.superlink_dir / "run_config.toml"
-    # A TOML literal string cannot hold a single quote; JSON of our config never has one.
-    if "'" in payload:
-        payload = payload.replace("'", "\\u0027")
-    atomic_write_text(target, f"fedtune-config = '{payload}'\n")
+    atomic_write_text(target, "\n".join(lines) + "\n")
     return target
 
 
@@ -187,18 +192,26 @@ class SuperLink:
                 raise RuntimeError(f"`flwr supernode register` failed for {site.site_id}: "
                                    f"{result.stdout}{result.stderr}") from None
             if reply.get("success"):
-                node_ids[site.site_id] = int(reply["node-id"])
+                site.node_id = int(reply["node-id"])
                 log.info("enrolled %s (key %s) as node %s", site.site_id, site.fingerprint, reply["node-id"])
             elif "already in use" in str(reply.get("error-message", "")):
-                log.info("%s (key %s) was enrolled before", site.site_id, site.fingerprint)
+                log.info("%s (key %s) was enrolled before, as node %s", site.site_id, site.fingerprint, site.node_id)
             else:
                 raise RuntimeError(f"could not enrol {site.site_id}: {reply.get('error-message')}")
+            if site.node_id is not None:
+                node_ids[site.site_id] = site.node_id
+        save_federation(self.paths, self.fed)
         return node_ids
 
     def submit(self, cfg: FedtuneConfig, stream: bool = True) -> subprocess.Popen:
         """``flwr run`` the fedtune app with ``cfg``; returns the (streaming) flwr process."""
         app = write_app(self.paths)
-        run_config = write_run_config(self.paths, cfg)
+        known = {s.node_id: s.site_id for s in self.fed.sites if s.node_id is not None}
+        if len(known) < len(self.fed.sites):
+            log.warning("node ids of %d enrolled site(s) are unknown (enrolled outside fedtune?); the server will "
+                        "not check which node speaks for which site", len(self.fed.sites) - len(known))
+            known = {}
+        run_config = write_run_config(self.paths, cfg, known)
         command = [processes.tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
         if stream:
             command.append("--stream")

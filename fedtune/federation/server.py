@@ -127,18 +127,33 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
         time.sleep(0.5)
 
 
-def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float) -> list[SiteInfo]:
-    """Ask every node who it is: its stable site pseudonym and its own budget."""
+def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
+                   enrolled: Optional[dict[int, str]] = None) -> list[SiteInfo]:
+    """Ask every node who it is: its stable site pseudonym and its own budget.
+
+    In a deployment ``enrolled`` maps each enrolled key's node id to the site it was
+    issued to; a node claiming another site's name (to spend or hide behind another
+    site's budget) is ignored with an error line.  Two nodes claiming one name are too.
+    """
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.DESCRIBE) for n in node_ids]
-    sites = []
+    sites: dict[str, SiteInfo] = {}
     for reply in exchange.send_and_receive(grid, messages, timeout_s):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("node %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("node %d did not describe itself: %s", node, reply.error.reason)
             continue
         info = reply.content[protocol.SITE]
-        sites.append(SiteInfo(node_id=reply.metadata.src_node_id, name=str(info["site"]),
-                              budget_epsilon=float(info["budget_epsilon"]), delta=float(info["delta"])))
-    return sorted(sites, key=lambda s: s.name)
+        name = str(info["site"])
+        if enrolled is not None and enrolled.get(node) != name:
+            log.error("node %d claims to be site %r, but its enrolled key was issued to %r; ignoring it", node, name,
+                      enrolled.get(node, "no site"))
+            continue
+        if name in sites:
+            log.error("nodes %d and %d both claim to be site %r; ignoring the second", sites[name].node_id, node, name)
+            continue
+        sites[name] = SiteInfo(node_id=node, name=name, budget_epsilon=float(info["budget_epsilon"]),
+                               delta=float(info["delta"]))
+    return sorted(sites.values(), key=lambda s: s.name)
 
 
 def round_config(cfg: FedtuneConfig, round_number: int) -> protocol.RoundConfig:
@@ -182,7 +197,8 @@ def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> N
 
 
 def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: float = 120.0,
-               round_timeout_s: Optional[float] = None, show_progress: bool = True) -> ServerSummary:
+               round_timeout_s: Optional[float] = None, show_progress: bool = True,
+               enrolled: Optional[dict[int, str]] = None) -> ServerSummary:
     """Run the federation to completion and write every output into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
@@ -205,7 +221,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     ledger = PrivacyLedger(run_dir / "server_ledger.sqlite", accountant=cfg.privacy.accountant)
 
     node_ids = wait_for_nodes(grid, fed.num_sites, wait_timeout_s)
-    sites = discover_sites(grid, node_ids, timeout_s=wait_timeout_s)
+    sites = discover_sites(grid, node_ids, timeout_s=wait_timeout_s, enrolled=enrolled)
     log.info("%d sites connected: %s", len(sites), ", ".join(s.name for s in sites))
     if not sites:
         return ServerSummary(run_dir, 0, "no site connected")
