@@ -122,8 +122,11 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, rounds: in
 
     from fedtune.privacy.accounting import Charge, epsilon as epsilon_of
 
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                 steps=rounds * local_steps, accountant=accountant, epsilon_tolerance=0.005)
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha" while the search tries tiny σ: harmless here.
+        warnings.simplefilter("ignore", UserWarning)
+        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                     steps=rounds * local_steps, accountant=accountant, epsilon_tolerance=0.005)
     for _ in range(50):
         history = [Charge(r, sigma, sample_rate, local_steps) for r in range(1, rounds + 1)]
         if epsilon_of(history, delta, accountant) <= epsilon:
