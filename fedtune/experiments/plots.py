@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fedtune.experiments.tables import epsilon_value, epsilons_in_order, groups_in_order, mean_std, summarise
+from fedtune.experiments.tables import epsilon_value, epsilons_in_order, groups_in_order, summarise
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -122,4 +122,4 @@ def plot_score_histograms(runs: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["plot_score_histograms", "plot_utility_vs_epsilon", "plot_utility_vs_round", "mean_std"]
+__all__ = ["plot_score_histograms", "plot_utility_vs_epsilon", "plot_utility_vs_round"]
