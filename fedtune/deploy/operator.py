@@ -237,12 +237,17 @@ def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_runn
         superlink.register_sites()
         started = time.monotonic()
         runner = superlink.submit(cfg)
+        submitted = time.time()
         code = runner.wait()
         summary = paths.run_dir / "summary.json"
-        if code == 0 and summary.exists():
+        # `flwr run --stream` exits 0 even when the ServerApp raised: the run only counts as
+        # finished if it wrote its summary.
+        if code == 0 and summary.exists() and summary.stat().st_mtime >= submitted - 1:
             log.info("run finished in %.0f s; outputs in %s", time.monotonic() - started, paths.run_dir)
-        elif code != 0:
-            log.error("`flwr run` exited with code %d; see %s", code, superlink.log_path)
+        else:
+            log.error("the run did not finish (`flwr run` exit code %d, no new %s); see the log above and %s",
+                      code, summary.name, superlink.log_path)
+            code = code or 1
         if keep_running:
             log.info("keeping the SuperLink running (Ctrl-C to stop)")
             superlink.process.wait()  # type: ignore[union-attr]
