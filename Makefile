@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dp_step.py
 	$(PY) benchmarks/demo_time.py
 	$(PY) benchmarks/secagg.py
+	$(PY) benchmarks/deploy.py
 
 clean:
 	rm -rf $(VENV) runs
