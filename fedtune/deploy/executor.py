@@ -85,6 +85,8 @@ class AppPin:
 # from 1 s (made for a process that took seconds to start).  Start at 20 ms instead.
 PULL_INITIAL_BACKOFF_S = 0.02
 PULL_BACKOFF_CAP_S = 0.5
+# One object per adapter tensor; see fedtune.deploy.processes.OBJECT_CONCURRENCY.
+OBJECT_CONCURRENCY = 8
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
@@ -106,6 +108,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
+        max_concurrent_pulls=OBJECT_CONCURRENCY,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
