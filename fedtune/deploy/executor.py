@@ -158,13 +158,19 @@ class SiteExecutor:
         if self.auth_secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.auth_secret,
                                                              protected_methods=_ACQUIRE_METHODS))
-        # While the SuperNode restarts (see fedtune.deploy.site) AcquireTask just keeps retrying.
-        client = self._client(interceptors, max_time_s=None)
+        # While the SuperNode restarts (see fedtune.deploy.site) the loop below keeps asking;
+        # each call gives up after 5 s so that a stop request is seen promptly.
+        client = self._client(interceptors, max_time_s=5.0)
         log.info("executor ready: serving %s from the local SuperNode at %s", self.pin.fab_id, self.runtime_address)
         try:
             while not self.stop_event.is_set():
                 try:
                     response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                except httpx.TransportError as exc:
+                    # The SuperNode is (re)starting; the supervisor in fedtune.deploy.site reports that.
+                    log.debug("the SuperNode is not answering (%s); retrying", exc)
+                    self.stop_event.wait(1.0)
+                    continue
                 except Exception as exc:  # noqa: BLE001 - an HTTP error from the SuperNode; try again
                     log.warning("could not ask the SuperNode for work (%s); retrying", exc)
                     self.stop_event.wait(1.0)
