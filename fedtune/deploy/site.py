@@ -9,8 +9,10 @@ mode, bound to 127.0.0.1 for its local Runtime API, and runs fedtune's own execu
         --host 127.0.0.1 --port RUNTIME_PORT --superexec-auth-secret-file state/superexec.secret
 
 No ``--allow-runtime-dependency-installation``: a site never installs packages because
-a server asked.  Stopping the client (SIGINT/SIGTERM) stops both; a crash of either
-stops the other, so the SuperLink sees the site leave.
+a server asked.  Stopping the client (SIGINT/SIGTERM) stops both, and so does killing it
+(the SuperNode shares its process group and is signalled when its parent dies); a
+SuperNode that exits on its own (SuperLink unreachable, key not yet enrolled) is
+restarted with backoff.
 """
 
 from __future__ import annotations
