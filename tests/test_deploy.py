@@ -187,6 +187,7 @@ def test_killed_site_is_dropped_resumes_with_its_ledger_and_an_exhausted_site_st
     assert fed.sites["hosp-d"].poll() is None  # ... but still connected
     assert _charges(fed, "hosp-d") == 2
     assert "not scheduling hosp-d" in fed.tail("server", 400)
+    assert "hosp-c is back" in fed.tail("server", 400)  # asked again before round 3, not dropped for good
     assert _charges(fed, "hosp-c") == charges_at_kill + 1  # round 3, trained after the restart
 
     # Every site's own ledger agrees with the server's privacy report.
@@ -216,6 +217,8 @@ def test_server_killed_after_round_one_resumes_from_its_checkpoint(federation) -
     assert "resuming from the checkpoint of round 1" in log
     rows = fed.metrics()
     assert [r["round"] for r in rows].count(1) == 1 and rows[-1]["round"] == 2
+    # Every site reconnected to the new SuperLink and took part in round 2.
+    assert rows[-1]["participants"] == ["hosp-a", "hosp-b", "hosp-c"], fed.tail("server", 80)
     # Round 2 started from the checkpointed adapter: the round-1 adapter on disk is that state.
     from safetensors.numpy import load_file
 

@@ -155,3 +155,15 @@ def test_a_node_claiming_another_sites_name_is_not_scheduled(tiny_cfg: FedtuneCo
     assert "node 102 claims to be site 'site-02'" in caplog.text
     # Without an enrolment map (simulation) every node is taken at its word.
     assert len(discover_sites(grid, grid.get_node_ids(), timeout_s=10)) == 3
+
+
+def test_a_site_that_missed_a_round_is_asked_again_before_the_next(tiny_cfg: FedtuneConfig, caplog) -> None:
+    tiny_cfg.federation.num_rounds = 2
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3, drop={101})
+    with caplog.at_level(logging.INFO, logger="fedtune"):
+        summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    describes = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == protocol.DESCRIBE]
+    # Once at start for every node, then again for the silent one only, before round 2.
+    assert sorted(describes) == [100, 101, 101, 102]
+    assert "site-01 is back" in caplog.text
+    assert summary.rows[1]["failures"] == ["site-01"]

@@ -44,6 +44,9 @@ class SiteInfo:
     budget_epsilon: float
     delta: float
     refused: bool = False
+    # Did not answer the last round (crashed, restarting, network): asked again before the
+    # next round instead of being sent a round it cannot take part in.
+    missing: bool = False
 
 
 @dataclass
@@ -136,11 +139,13 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
     site's budget) is ignored with an error line.  Two nodes claiming one name are too.
     """
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.DESCRIBE) for n in node_ids]
+    # An error reply made by the SuperLink (node offline) does not carry the node as source.
+    destination = {m.object_id: m.metadata.dst_node_id for m in messages}
     sites: dict[str, SiteInfo] = {}
     for reply in exchange.send_and_receive(grid, messages, timeout_s):
-        node = reply.metadata.src_node_id
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            log.warning("node %d did not describe itself: %s", node, reply.error.reason)
+            log.info("node %d did not describe itself: %s", node, reply.error.reason)
             continue
         info = reply.content[protocol.SITE]
         name = str(info["site"])
@@ -154,6 +159,34 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
         sites[name] = SiteInfo(node_id=node, name=name, budget_epsilon=float(info["budget_epsilon"]),
                                delta=float(info["delta"]))
     return sorted(sites.values(), key=lambda s: s.name)
+
+
+def _reachable(grid: Grid, eligible: list[SiteInfo], needed: int, wait_timeout_s: float,
+               enrolled: Optional[dict[int, str]]) -> list[SiteInfo]:
+    """The eligible sites that can take part now.
+
+    Sites that missed the last round are asked to describe themselves again; those that
+    answer are back.  If fewer than ``needed`` remain (secure aggregation needs 3), wait for
+    the missing ones up to ``wait_timeout_s`` rather than start a round bound to be abandoned.
+    """
+    deadline = time.monotonic() + wait_timeout_s
+    while True:
+        missing = [s for s in eligible if s.missing]
+        if missing:
+            answered = {s.node_id for s in discover_sites(grid, [s.node_id for s in missing], 10.0, enrolled)}
+            for site in missing:
+                site.missing = site.node_id not in answered
+                if not site.missing:
+                    log.info("%s is back", site.name)
+        ready = [s for s in eligible if not s.missing]
+        if len(ready) >= needed or not any(s.missing for s in eligible) or time.monotonic() >= deadline:
+            skipped = [s.name for s in eligible if s.missing]
+            if skipped:
+                log.warning("not scheduling %s this round: unreachable", ", ".join(skipped))
+            return ready
+        log.info("waiting for %s to come back (%d of %d needed sites reachable)",
+                 ", ".join(s.name for s in eligible if s.missing), len(ready), needed)
+        time.sleep(2.0)
 
 
 def round_config(cfg: FedtuneConfig, round_number: int) -> protocol.RoundConfig:
@@ -222,6 +255,15 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
 
     node_ids = wait_for_nodes(grid, fed.num_sites, wait_timeout_s)
     sites = discover_sites(grid, node_ids, timeout_s=wait_timeout_s, enrolled=enrolled)
+    # Enrolled nodes are known before they are online (a site still starting, or
+    # reconnecting after the server restarted): ask again until num_sites answered.
+    deadline = time.monotonic() + wait_timeout_s
+    while len(sites) < fed.num_sites and time.monotonic() < deadline:
+        time.sleep(2.0)
+        known = {s.node_id for s in sites}
+        sites = sorted(sites + [s for s in discover_sites(grid, [n for n in grid.get_node_ids() if n not in known],
+                                                          timeout_s=10.0, enrolled=enrolled)
+                                if s.name not in {k.name for k in sites}], key=lambda s: s.name)
     log.info("%d sites connected: %s", len(sites), ", ".join(s.name for s in sites))
     if not sites:
         return ServerSummary(run_dir, 0, "no site connected")
@@ -260,6 +302,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                            "or lower privacy.sample_rate or train.local_steps.")
             log.warning("stopping: %s", stop_reason)
             break
+        eligible = _reachable(grid, eligible, 3 if cfg.secagg.enabled else 1, wait_timeout_s, enrolled)
         selected = sorted(rng.sample(eligible, min(len(eligible), fed.sites_per_round or len(eligible))),
                           key=lambda s: s.name)
 
@@ -273,6 +316,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         for site in selected:
             if site.name in outcome.refusals:
                 site.refused = True
+            site.missing = site.name in outcome.failures
 
         aggregation_started = time.perf_counter()
         if outcome.weighted_sum is not None:
