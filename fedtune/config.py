@@ -300,10 +300,11 @@ def secagg_parameters(cfg: FedtuneConfig, num_sites: int) -> tuple[int, int]:
 
 def validate_secagg(cfg: FedtuneConfig) -> None:
     from fedtune.secagg.masks import Quantizer
+    from fedtune.secagg.protocol import MIN_SITES
 
     s, n = cfg.secagg, cfg.federation.num_sites
-    _require(n >= 3, "secagg.enabled", f"secure aggregation needs at least 3 sites, got {n}",
-             "Use federation.num_sites >= 3, or secagg.enabled=false.")
+    _require(n >= MIN_SITES, "secagg.enabled", f"secure aggregation needs at least {MIN_SITES} sites, got {n}",
+             f"Use federation.num_sites >= {MIN_SITES}, or secagg.enabled=false.")
     if s.neighbours is not None:
         _require(s.neighbours >= 2 and s.neighbours % 2 == 0, "secagg.neighbours",
                  f"{s.neighbours} is not an even number ≥ 2", "Use an even k such as 6, or null for ~2·log2(n).")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fedtune.checkpoint import load_checkpoint
-from fedtune.deploy.localhost import LocalFederation, fedtune_command, free_port
+from fedtune.deploy.localhost import LocalFederation, free_port
 from fedtune.deploy.processes import flower_env
 from fedtune.privacy.ledger import PrivacyLedger
 

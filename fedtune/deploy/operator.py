@@ -181,7 +181,6 @@ class SuperLink:
 
     def register_sites(self) -> dict[str, int]:
         """Enrol every site's public key; a key registered before (a restart) is fine."""
-        node_ids: dict[str, int] = {}
         for site in self.fed.sites:
             result = processes.run([processes.tool("flwr"), "supernode", "register",
                                     str(self.paths.kit(site.site_id) / "auth.pub"), CONNECTION, "--format", "json",
@@ -198,10 +197,7 @@ class SuperLink:
                 log.info("%s (key %s) was enrolled before, as node %s", site.site_id, site.fingerprint, site.node_id)
             else:
                 raise RuntimeError(f"could not enrol {site.site_id}: {reply.get('error-message')}")
-            if site.node_id is not None:
-                node_ids[site.site_id] = site.node_id
         save_federation(self.paths, self.fed)
-        return node_ids
 
     def submit(self, cfg: FedtuneConfig, stream: bool = True) -> subprocess.Popen:
         """``flwr run`` the fedtune app with ``cfg``; returns the (streaming) flwr process."""

@@ -81,27 +81,15 @@ def start(command: Sequence[str], log_path: Optional[Path] = None, env: Optional
             out.close()
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 10.0, group: bool = False) -> Optional[int]:
-    """SIGTERM (its whole process group when it leads one), then SIGKILL after ``timeout_s``."""
+def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> Optional[int]:
+    """SIGTERM, then SIGKILL after ``timeout_s``."""
     if process.poll() is not None:
         return process.returncode
-    try:
-        if group:
-            os.killpg(process.pid, signal.SIGTERM)
-        else:
-            process.terminate()
-    except (ProcessLookupError, PermissionError):
-        process.terminate()
+    process.terminate()
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        try:
-            if group:
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
-        except ProcessLookupError:
-            pass
+        process.kill()
         return process.wait(timeout=timeout_s)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time

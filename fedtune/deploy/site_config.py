@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, FedtuneConfig
 
@@ -143,12 +143,6 @@ def load_site_config(path: str | Path, overrides: Optional[list[str]] = None, ch
     site.base_dir = str(path.parent)
     validate_site_config(site, check_files=check_files)
     return site
-
-
-def site_to_dict(site: SiteConfig) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(site))  # type: ignore[return-value]
 
 
 def apply_site(cfg: FedtuneConfig, site: SiteConfig) -> FedtuneConfig:

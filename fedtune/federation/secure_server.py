@@ -75,9 +75,9 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
         public[index[s.node_id]] = (bytes(keys["enc_pk"]), bytes(keys["mask_pk"]))
 
     k, t = secagg_parameters(cfg, len(public))
-    if len(public) < 3 or len(public) < t + 1:
-        log.warning("round %d abandoned: only %d sites advertised keys (secure aggregation needs at least 3 "
-                    "and more than the threshold %d); nothing was trained", rc.round, len(public), t)
+    if len(public) < secagg.MIN_SITES or len(public) < t + 1:
+        log.warning("round %d abandoned: only %d sites advertised keys (secure aggregation needs at least %d "
+                    "and more than the threshold %d); nothing was trained", rc.round, len(public), secagg.MIN_SITES, t)
         return out
     graph = secagg.neighbour_graph(sorted(public), k, seed=rc.round)
 

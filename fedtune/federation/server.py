@@ -30,6 +30,7 @@ from fedtune.data import load_federated_data
 from fedtune.data.encoding import encode_all
 from fedtune.evaluate import evaluate_lm
 from fedtune.federation import exchange, protocol
+from fedtune.secagg.protocol import MIN_SITES
 from fedtune.models import build_lora_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
@@ -260,10 +261,9 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     deadline = time.monotonic() + wait_timeout_s
     while len(sites) < fed.num_sites and time.monotonic() < deadline:
         time.sleep(2.0)
-        known = {s.node_id for s in sites}
-        sites = sorted(sites + [s for s in discover_sites(grid, [n for n in grid.get_node_ids() if n not in known],
-                                                          timeout_s=10.0, enrolled=enrolled)
-                                if s.name not in {k.name for k in sites}], key=lambda s: s.name)
+        known_nodes, known_names = {s.node_id for s in sites}, {s.name for s in sites}
+        found = discover_sites(grid, [n for n in grid.get_node_ids() if n not in known_nodes], 10.0, enrolled)
+        sites = sorted(sites + [s for s in found if s.name not in known_names], key=lambda s: s.name)
     log.info("%d sites connected: %s", len(sites), ", ".join(s.name for s in sites))
     if not sites:
         return ServerSummary(run_dir, 0, "no site connected")
@@ -302,7 +302,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                            "or lower privacy.sample_rate or train.local_steps.")
             log.warning("stopping: %s", stop_reason)
             break
-        eligible = _reachable(grid, eligible, 3 if cfg.secagg.enabled else 1, wait_timeout_s, enrolled)
+        eligible = _reachable(grid, eligible, MIN_SITES if cfg.secagg.enabled else 1, wait_timeout_s, enrolled)
         selected = sorted(rng.sample(eligible, min(len(eligible), fed.sites_per_round or len(eligible))),
                           key=lambda s: s.name)
 

@@ -28,6 +28,9 @@ from fedtune.secagg.masks import mask_stream, reduce_in_place, ring_dtype
 
 log = logging.getLogger(__name__)
 
+# Fewer than 3 sites would let each one subtract its own update from the sum and read the other's.
+MIN_SITES = 3
+
 SELF_MASK = b"self-mask"
 PAIR_MASK = b"pair-mask"
 SHARE_KEY = b"share-encryption"
