@@ -8,8 +8,9 @@ from typing import Iterable, Optional
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.config import FedtuneConfig
@@ -52,10 +53,13 @@ class InProcessGrid:
     """Delivers the ServerApp's messages straight to ClientApps in this process.
 
     It implements the two Grid methods the server loop uses; ``drop`` names node ids
-    whose replies are lost (a site that vanished mid-round).
+    whose replies are lost (a site that vanished mid-round); ``offline_once`` names node ids
+    whose first secure-aggregation message the SuperLink answers "Node Unavailable" itself
+    (a SuperLink that restarted and has not yet heard the site's heartbeat).
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, drop: Optional[set[int]] = None) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, drop: Optional[set[int]] = None,
+                 offline_once: Optional[set[int]] = None) -> None:
         TaskIdentity.run_id = 1
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = 1
@@ -66,6 +70,7 @@ class InProcessGrid:
             for i in range(num_nodes)
         }
         self.drop = drop or set()
+        self.offline_once = set(offline_once or ())
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
@@ -75,9 +80,16 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if node in self.drop and self._is_update_stage(msg):
+                continue
+            if node in self.offline_once and "secagg" in msg.content.config_records:
+                self.offline_once.discard(node)
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers, not the node
+                replies.append(reply)
                 continue
             replies.append(self.app(msg, self.contexts[node]))
         self.received.extend(replies)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,16 @@ import numpy as np
 from fedtune.apps import make_client_app
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import FedtuneConfig
+from fedtune.federation import secure_server
 from fedtune.federation.server import run_server
 from fedtune.privacy.ledger import PrivacyLedger
 
 from conftest import InProcessGrid, tiny_config
 
 
-def _run(cfg: FedtuneConfig, drop: set[int] | None = None) -> tuple[InProcessGrid, object]:
-    grid = InProcessGrid(make_client_app(cfg), cfg.federation.num_sites, drop=drop)
+def _run(cfg: FedtuneConfig, drop: set[int] | None = None,
+         offline_once: set[int] | None = None) -> tuple[InProcessGrid, object]:
+    grid = InProcessGrid(make_client_app(cfg), cfg.federation.num_sites, drop=drop, offline_once=offline_once)
     return grid, run_server(grid, cfg, Path(cfg.run_dir), show_progress=False)
 
 
@@ -68,3 +71,20 @@ def test_round_abandoned_when_too_many_drop(tmp_path: Path) -> None:
     ledger = PrivacyLedger(Path(cfg.run_dir) / "server_ledger.sqlite")
     assert all(len(ledger.history(f"site-0{i}")) == 1 for i in range(4))  # charges stay
     assert json.loads((Path(cfg.run_dir) / "summary.json").read_text())["rounds_completed"] == 1
+
+
+def test_site_the_superlink_reports_offline_at_key_advertisement_is_asked_again(tmp_path: Path, monkeypatch,
+                                                                                caplog) -> None:
+    """After a SuperLink restart a polling site can look offline for a moment; one blip must not abandon a round."""
+    monkeypatch.setattr(secure_server, "ADVERTISE_RETRY_S", 0.0)
+    cfg = tiny_config(tmp_path / "run", federation__num_sites=3, federation__num_rounds=1)
+    cfg.secagg.enabled = True
+    with caplog.at_level(logging.WARNING):
+        grid, summary = _run(cfg, offline_once={101})
+    assert summary.rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    assert summary.rows[0]["failures"] == []
+    advertised = [m for m in grid.sent if m.metadata.dst_node_id == 101
+                  and m.content.config_records.get("secagg", {}).get("stage") == "advertise"]
+    assert len(advertised) == 2
+    # The log names the site, not the SuperLink that answered for it.
+    assert "site-01 failed the advertise stage of round 1" in caplog.text

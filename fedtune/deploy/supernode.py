@@ -17,6 +17,17 @@ Third, the node heartbeat: flwr 1.42 uses 30 s and the SuperLink refuses to re-a
 a node's key until it has missed two heartbeats, so a site restarted after a crash was
 locked out for up to a minute and missed the next round.  ``FEDTUNE_SUPERNODE_HEARTBEAT_S``
 (default 10 s, the SuperLink's minimum) shortens that to about 20 s.
+
+Fourth, reconnection after the SuperLink restarts (an operator's upgrade, or a crash
+resumed from the checkpoint): Flower retries both the node heartbeat and every Fleet call
+with full-jitter exponential backoff growing to 20 s.  The SuperLink keeps each node
+online only for two heartbeat intervals after its last beat, so a heartbeat still backing
+off when that lapsed made the SuperLink answer the next round's messages "Node
+Unavailable" although the site was polling again; a secure round with three sites was
+then abandoned (seen in CI).  Here both back off from 0.25 s to at most
+``FEDTUNE_SUPERNODE_RETRY_MAX_S`` (default 2 s): a restarted SuperLink hears every site
+again within seconds, for the price of one small request per site every 2 s while it
+is down.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import time as _time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 FLOWER_IDLE_SLEEP_S = 3
 
@@ -40,21 +51,41 @@ class _PromptTime:
         return getattr(_time, name)
 
 
-def main() -> None:
+def prompt_backoff(max_delay_s: float) -> Callable[..., Iterator[float]]:
+    """A drop-in for Flower's ``exponential`` that starts at 0.25 s and caps at ``max_delay_s``."""
+    from flwr.supercore.retry import exponential
+
+    def factory(*_: Any, **__: Any) -> Iterator[float]:
+        return exponential(base_delay=min(0.25, max_delay_s), multiplier=2, max_delay=max_delay_s)  # type: ignore[arg-type]
+
+    return factory
+
+
+def install(poll_s: float = 0.5, heartbeat_s: float = 10.0, retry_max_s: float = 2.0) -> None:
+    """Apply the four changes above to the Flower modules loaded in this process."""
     import flwr.supercore.heartbeat as heartbeat
     import flwr.supercore.inflatable.inflatable_utils as inflatable_utils
+    import flwr.supercore.retry.http_retry as http_retry
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as internal
-    from flwr.supernode.cli import flower_supernode
 
-    internal.time = _PromptTime(float(os.environ.get("FEDTUNE_SUPERNODE_POLL_S", "0.5")))  # type: ignore[assignment]
-    # The SuperNode fetches a message's objects (the global adapter) while the ServerApp may
-    # still be uploading them; Flower retries after 1, 2, 4, 8 s.  Start at 50 ms, cap 0.5 s.
+    internal.time = _PromptTime(poll_s)  # type: ignore[assignment]
     internal.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=0.05,
                                               backoff_cap=0.5)  # type: ignore[assignment]
-    beat = max(10.0, float(os.environ.get("FEDTUNE_SUPERNODE_HEARTBEAT_S", "10")))
+    beat = max(10.0, heartbeat_s)  # the SuperLink refuses intervals under 10 s
     connection.HEARTBEAT_DEFAULT_INTERVAL = beat  # what the SuperLink is told to expect
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = beat  # how often the node's sender actually beats
+    backoff = prompt_backoff(max(0.25, retry_max_s))
+    heartbeat.exponential = backoff  # type: ignore[assignment]  # the heartbeat sender's retries
+    http_retry.exponential = backoff  # type: ignore[assignment]  # every Fleet call's retries
+
+
+def main() -> None:
+    from flwr.supernode.cli import flower_supernode
+
+    install(poll_s=float(os.environ.get("FEDTUNE_SUPERNODE_POLL_S", "0.5")),
+            heartbeat_s=float(os.environ.get("FEDTUNE_SUPERNODE_HEARTBEAT_S", "10")),
+            retry_max_s=float(os.environ.get("FEDTUNE_SUPERNODE_RETRY_MAX_S", "2")))
     flower_supernode()
 
 

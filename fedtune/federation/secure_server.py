@@ -10,10 +10,12 @@ masked update may have left even if its reply was lost.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedtune import adapters
@@ -29,24 +31,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A SuperLink that restarted hears a reconnecting site's heartbeat within ~2 s (see
+# fedtune.deploy.supernode); wait that long before asking an "offline" site again.
+ADVERTISE_RETRY_S = 3.0
+
 
 def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage: dict,
-          timeout: Optional[float], per_node: Optional[dict[int, dict]] = None) -> dict[int, Message]:
-    """One stage to many nodes in one round trip; ``per_node`` adds node-specific stage fields."""
+          timeout: Optional[float], names: dict[int, str],
+          per_node: Optional[dict[int, dict]] = None) -> tuple[dict[int, Message], set[int]]:
+    """One stage to many nodes in one round trip; ``per_node`` adds node-specific stage fields.
+
+    Returns the good replies by node, and the nodes the SuperLink reported offline (it
+    answers for them itself, so such an error reply names the SuperLink as its source).
+    """
     messages = []
     for node, records in contents.items():
         records = dict(records)
         records[protocol.ROUND_CONFIG] = rc.to_record()
         records[protocol.SECAGG] = ConfigRecord({**stage, **(per_node or {}).get(node, {})})
         messages.append(Message(RecordDict(records), dst_node_id=node, message_type=protocol.TRAIN))
-    replies = {}
+    destination = {m.object_id: m.metadata.dst_node_id for m in messages}
+    replies: dict[int, Message] = {}
+    offline: set[int] = set()
     for reply in exchange.send_and_receive(grid, messages, timeout):
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            log.warning("node %d failed the %s stage: %s", reply.metadata.src_node_id, stage["stage"],
-                        reply.error.reason)
+            log.warning("%s failed the %s stage of round %d: %s", names.get(node, f"node {node}"), stage["stage"],
+                        rc.round, reply.error.reason)
+            if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                offline.add(node)
             continue
-        replies[reply.metadata.src_node_id] = reply
-    return replies
+        replies[node] = reply
+    return replies, offline
 
 
 def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc: protocol.RoundConfig,
@@ -61,8 +77,19 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
     by_index = {index[s.node_id]: s for s in selected}
 
     # Stage 1: advertise keys (a site over budget refuses here, before any secret exists).
-    replies = _send(grid, {s.node_id: {} for s in selected}, rc, {"stage": protocol.STAGE_ADVERTISE}, timeout,
-                    per_node={s.node_id: {"index": index[s.node_id]} for s in selected})
+    site_names = {s.node_id: s.name for s in selected}
+    advertise = {"stage": protocol.STAGE_ADVERTISE}
+    per_node = {s.node_id: {"index": index[s.node_id]} for s in selected}
+    replies, offline = _send(grid, {s.node_id: {} for s in selected}, rc, advertise, timeout, site_names, per_node)
+    if offline:
+        # No secret exists before this stage completes, so asking again is safe.  The usual
+        # cause is a SuperLink that restarted and has not yet heard a heartbeat from a site
+        # that is polling again; without a second ask one blip would abandon the round.
+        time.sleep(ADVERTISE_RETRY_S)
+        log.info("asking %s again to advertise keys for round %d", ", ".join(sorted(site_names[n] for n in offline)),
+                 rc.round)
+        again, _ = _send(grid, {n: {} for n in offline}, rc, advertise, timeout, site_names, per_node)
+        replies.update(again)
     public: dict[int, tuple[bytes, bytes]] = {}
     for s in selected:
         reply = replies.get(s.node_id)
@@ -88,7 +115,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
         for j in graph[i]:
             keys[f"{j}.enc"], keys[f"{j}.mask"] = public[j]
         contents[by_index[i].node_id] = {protocol.KEYS: ConfigRecord(keys)}
-    replies = _send(grid, contents, rc, {"stage": protocol.STAGE_SHARE, "threshold": t}, timeout)
+    replies, _ = _send(grid, contents, rc, {"stage": protocol.STAGE_SHARE, "threshold": t}, timeout, site_names)
     shares = {index[node]: {int(j): bytes(ct) for j, ct in r.content[protocol.SHARES].items()}
               for node, r in replies.items()}
     sharers = set(shares)
@@ -103,7 +130,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
     contents = {by_index[i].node_id: {protocol.GLOBAL_ADAPTER: adapter,
                                       protocol.SHARES: ConfigRecord({str(j): ct for j, ct in routed.get(i, {}).items()})}
                 for i in sorted(sharers)}
-    replies = _send(grid, contents, rc, stage, timeout)
+    replies, _ = _send(grid, contents, rc, stage, timeout, site_names)
     length = sum(int(np.prod(global_state[n].shape)) for n in names) + 1
     masked: dict[int, np.ndarray] = {}
     for i in sorted(sharers):
@@ -138,7 +165,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
     sets = {by_index[i].node_id: {"survivors": [0] + [j for j in graph[i] if j in survivors],
                                   "dropped": [0] + [j for j in graph[i] if j in sharers and j not in survivors]}
             for i in survivors}
-    replies = _send(grid, {n: {} for n in sets}, rc, {"stage": protocol.STAGE_UNMASK}, timeout, per_node=sets)
+    replies, _ = _send(grid, {n: {} for n in sets}, rc, {"stage": protocol.STAGE_UNMASK}, timeout, site_names, sets)
     seed_shares: dict[int, dict[int, bytes]] = {}
     key_shares: dict[int, dict[int, bytes]] = {}
     for node, reply in replies.items():
