@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, Message
+from flwr.app import Message
 
+from fedtune import adapters
 from fedtune.apps import make_client_app
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import FedtuneConfig
@@ -91,17 +92,15 @@ class CorruptingApp:
     def __call__(self, msg: Message, ctx):
         reply = self.app(msg, ctx)
         if msg.metadata.message_type == protocol.TRAIN and msg.metadata.dst_node_id == self.node:
-            update = reply.content[protocol.UPDATE]
-            name = next(iter(update.keys()))
-            value = update[name].numpy()
+            state = {n: v.copy() for n, v in adapters.from_array_record(reply.content[protocol.UPDATE]).items()}
+            name = sorted(state)[0]
             if self.how == "nan":
-                value = value.copy()
-                value.flat[0] = np.nan
+                state[name].flat[0] = np.nan
             elif self.how == "shape":
-                value = value[:1]
+                state[name] = state[name][:1]
             elif self.how == "dtype":
-                value = value.astype(np.float64)
-            update[name] = Array(np.ascontiguousarray(value))
+                state = {n: v.astype(np.float64) for n, v in state.items()}
+            reply.content[protocol.UPDATE] = adapters.to_array_record(state)
         return reply
 
 
@@ -137,7 +136,7 @@ def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
     summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
     assert [r["round"] for r in summary.rows] == [2]
     sent = [m for m in grid.sent if m.metadata.message_type == protocol.TRAIN][0]
-    sent_state = {n: sent.content[protocol.GLOBAL_ADAPTER][n].numpy() for n in after_one}
+    sent_state = adapters.from_array_record(sent.content[protocol.GLOBAL_ADAPTER])
     for name, value in after_one.items():
         np.testing.assert_array_equal(sent_state[name], value)
     assert math.isfinite(summary.rows[0]["eval_loss"])
