@@ -66,7 +66,7 @@ def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> 
              site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path), site.resolve(site.data.path),
              pin.fab_id, pin.version)
     executor = SiteExecutor(f"127.0.0.1:{site.runtime_port}", make_client_app(deployed=site), pin,
-                            auth_secret=auth_secret)
+                            auth_secret=auth_secret, idle_poll_s=site.poll_interval_s)
     stop = stop_event or threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:

@@ -63,7 +63,8 @@ class SiteConfig:
     torch_threads: int = 1
     # The SuperNode's local Runtime API, where this site's executor fetches tasks.
     runtime_port: int = 9100
-    # How often the SuperNode asks the SuperLink for work while idle (Flower's own: 3 s).
+    # How often an idle site asks for work: the SuperNode asks the SuperLink, the executor
+    # asks the SuperNode (Flower's own: 3 s).  Mid-round both ask faster, see fedtune.deploy.supernode.
     poll_interval_s: float = 0.5
     state_dir: str = "state"
     app: SiteApp = field(default_factory=SiteApp)

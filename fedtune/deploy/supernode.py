@@ -1,12 +1,17 @@
 """``python -m fedtune.deploy.supernode [flower-supernode args]``: Flower's SuperNode, tuned for sites.
 
-flwr 1.42's SuperNode sleeps a fixed 3 s whenever a pull from the SuperLink finds no
-message, so every stage of a round waited up to 3 s before a site even saw its message;
-with four secure-aggregation stages that was most of a small round.  This runs the
-unchanged ``flower-supernode`` entry point with that one idle sleep shortened to
-``FEDTUNE_SUPERNODE_POLL_S`` (default 0.5 s).  Nothing else in Flower is touched: the
-module-level ``time`` of ``flwr.supernode.start_client_internal`` is swapped for a shim
-whose ``sleep`` caps only that 3 s wait.
+First, its fixed waits.  flwr 1.42's SuperNode sleeps 3 s whenever a pull from the
+SuperLink finds no message, and polls every 0.5 s for the ClientApp's reply (and for the
+reply's objects) before sending it on.  A secure round is four back-to-back round trips of
+kilobyte messages, each paying both waits at every site, and the slowest site sets the
+pace: measured, the three short stages took 1.3-2.6 s each.  Here the idle wait is
+``FEDTUNE_SUPERNODE_POLL_S`` (default 0.5 s), shortened to 0.1 s for 2 s after the site
+handled a message (the round's next stage follows within about a second), and the reply
+waits are 0.05 s (they only read the SuperNode's own in-process state).  The window is
+short on purpose: polling fast through the server's evaluation between rounds (10 s
+windows were tried) took CPU from it and from training on a shared 2-core machine.  Nothing else in
+Flower is touched: the module-level ``time`` of ``flwr.supernode.start_client_internal`` is
+swapped for a shim whose ``sleep`` changes only those waits.
 
 Second, object pulls: the SuperNode starts fetching a message's objects (the 4 MiB global
 adapter) while the ServerApp may still be uploading them, and Flower then retries after
@@ -37,18 +42,49 @@ import os
 import time as _time
 from typing import Any, Callable, Iterator
 
-FLOWER_IDLE_SLEEP_S = 3
+FLOWER_IDLE_SLEEP_S = 3  # start_client_internal: no message was pulled
+FLOWER_REPLY_SLEEP_S = 0.5  # start_client_internal: waiting for the ClientApp's reply or its objects
+BUSY_POLL_S = 0.1
+BUSY_WINDOW_S = 2.0
+REPLY_POLL_S = 0.05
 
 
 class _PromptTime:
-    def __init__(self, poll_s: float) -> None:
-        self.poll_s = poll_s
+    """Stands in for the ``time`` module inside ``flwr.supernode.start_client_internal``."""
+
+    def __init__(self, idle_poll_s: float) -> None:
+        self.idle_poll_s = idle_poll_s
+        self.last_busy = -float("inf")
+
+    def mark_busy(self) -> None:
+        self.last_busy = _time.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(self.poll_s if seconds == FLOWER_IDLE_SLEEP_S else seconds)
+        if seconds == FLOWER_IDLE_SLEEP_S:
+            busy = _time.monotonic() - self.last_busy < BUSY_WINDOW_S
+            _time.sleep(min(BUSY_POLL_S, self.idle_poll_s) if busy else self.idle_poll_s)
+        elif seconds == FLOWER_REPLY_SLEEP_S:
+            self.mark_busy()
+            _time.sleep(REPLY_POLL_S)
+        else:
+            _time.sleep(seconds)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_time, name)
+
+
+def _marking_busy(push_messages: Callable[..., None], clock: _PromptTime) -> Callable[..., None]:
+    """Flower calls ``_push_messages`` only after it pulled a message: the site is mid-round."""
+
+    @functools.wraps(push_messages)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        clock.mark_busy()
+        try:
+            push_messages(*args, **kwargs)
+        finally:
+            clock.mark_busy()
+
+    return wrapper
 
 
 def prompt_backoff(max_delay_s: float) -> Callable[..., Iterator[float]]:
@@ -69,7 +105,9 @@ def install(poll_s: float = 0.5, heartbeat_s: float = 10.0, retry_max_s: float =
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as internal
 
-    internal.time = _PromptTime(poll_s)  # type: ignore[assignment]
+    clock = _PromptTime(poll_s)
+    internal.time = clock  # type: ignore[assignment]
+    internal._push_messages = _marking_busy(internal._push_messages, clock)  # type: ignore[assignment]
     internal.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=0.05,
                                               backoff_cap=0.5)  # type: ignore[assignment]
     beat = max(10.0, heartbeat_s)  # the SuperLink refuses intervals under 10 s
