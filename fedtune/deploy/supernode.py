@@ -9,9 +9,10 @@ pace: measured, the three short stages took 1.3-2.6 s each.  Here the idle wait 
 handled a message (the round's next stage follows within about a second), and the reply
 waits are 0.05 s (they only read the SuperNode's own in-process state).  The window is
 short on purpose: polling fast through the server's evaluation between rounds (10 s
-windows were tried) took CPU from it and from training on a shared 2-core machine.  Nothing else in
-Flower is touched: the module-level ``time`` of ``flwr.supernode.start_client_internal`` is
-swapped for a shim whose ``sleep`` changes only those waits.
+windows were tried) took CPU from it and from training on a shared 2-core machine.
+Nothing else in Flower is touched: the module-level ``time`` of
+``flwr.supernode.start_client_internal`` is swapped for a shim whose ``sleep`` changes only
+those waits, and ``_push_messages`` is wrapped to note when the site was last busy.
 
 Second, object pulls: the SuperNode starts fetching a message's objects (the 4 MiB global
 adapter) while the ServerApp may still be uploading them, and Flower then retries after
@@ -92,7 +93,8 @@ def prompt_backoff(max_delay_s: float) -> Callable[..., Iterator[float]]:
     from flwr.supercore.retry import exponential
 
     def factory(*_: Any, **__: Any) -> Iterator[float]:
-        return exponential(base_delay=min(0.25, max_delay_s), multiplier=2, max_delay=max_delay_s)  # type: ignore[arg-type]
+        first = min(0.25, max_delay_s)
+        return exponential(base_delay=first, multiplier=2, max_delay=max_delay_s)  # type: ignore[arg-type]
 
     return factory
 
