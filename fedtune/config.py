@@ -100,6 +100,11 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     sample_rate: float = 0.05
     accountant: str = "rdp"
+    # A site's mean DP-SGD batch loss is computed from its private records without noise:
+    # it is a membership-inference signal that ε does not cover, so a site does not send it
+    # unless this is true (research simulations that want the train-loss column).  Under
+    # secure aggregation it is never sent; a non-private run always sends it.
+    release_train_loss: bool = False
 
 
 @dataclass

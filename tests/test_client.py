@@ -47,6 +47,24 @@ def test_site_trains_and_charges_before_release(tiny_cfg: FedtuneConfig) -> None
     assert len(ledger.history(settings.name)) == 1
 
 
+def test_private_site_keeps_its_train_loss_unless_it_opts_in(tiny_cfg: FedtuneConfig, tmp_path: Path) -> None:
+    """The mean DP-SGD batch loss is un-noised: a membership signal outside ε."""
+    def sent_metrics(cfg: FedtuneConfig) -> dict:
+        reply = site.train(_train_message(cfg), _site(cfg), cfg, _records(cfg))
+        assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_OK
+        return dict(reply.content[protocol.METRICS])
+
+    assert "train_loss" not in sent_metrics(tiny_cfg)
+    tiny_cfg.privacy.release_train_loss = True
+    tiny_cfg.run_dir = str(tmp_path / "opted-in")
+    assert sent_metrics(tiny_cfg)["train_loss"] > 0
+    tiny_cfg.privacy.release_train_loss = False
+    tiny_cfg.privacy.enabled = False  # a non-private run claims nothing, so it reports everything
+    tiny_cfg.privacy.noise_multiplier = 0.0
+    tiny_cfg.run_dir = str(tmp_path / "non-private")
+    assert sent_metrics(tiny_cfg)["train_loss"] > 0
+
+
 def test_site_refuses_a_round_past_its_budget(tiny_cfg: FedtuneConfig) -> None:
     rc = round_config(tiny_cfg, 1)
     from fedtune.privacy.accounting import Charge

@@ -36,6 +36,7 @@ def test_round_loop_writes_outputs(tiny_cfg: FedtuneConfig) -> None:
     for key in ("participants", "refusals", "train_loss", "eval_loss", "eval_perplexity", "max_epsilon"):
         assert key in rows[0]
     assert rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    assert rows[0]["train_loss"] is None  # private sites do not send their un-noised train loss
     assert (run / "adapters" / "round_002" / "adapter_model.safetensors").is_file()
     report = json.loads((run / "privacy_report.json").read_text())
     server_ledger = PrivacyLedger(run / "server_ledger.sqlite")

@@ -44,6 +44,9 @@ class SiteSettings:
     require_privacy: bool
     # Where this site trains ("cpu", "cuda", "cuda:1"); a deployed site sets it in site.yaml.
     device: str = "cpu"
+    # Whether the plain update carries the site's un-noised mean train loss (see
+    # PrivacyConfig.release_train_loss); a deployed site never sends it.
+    release_train_loss: bool = False
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
@@ -58,6 +61,7 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
         delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
         require_privacy=cfg.privacy.enabled,
+        release_train_loss=cfg.privacy.release_train_loss,
     )
 
 
@@ -153,6 +157,8 @@ def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Re
         return refusal(msg, reason, ledger.epsilon(site.name, site.delta))
     global_state = adapters.from_array_record(msg.content[protocol.GLOBAL_ADAPTER])  # type: ignore[arg-type]
     delta, weight, metrics = local_update(rc, global_state, site, cfg, records, ledger)
+    if site.require_privacy and not site.release_train_loss:
+        del metrics["train_loss"]  # logged here, never sent: ε does not cover it
     content = RecordDict({
         protocol.UPDATE: adapters.to_array_record(adapters.scale(delta, weight)),
         protocol.METRICS: MetricRecord({"weight": weight, **metrics}),

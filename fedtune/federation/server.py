@@ -115,7 +115,7 @@ def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig
         updates.append((state, float(metrics["weight"])))
         out.participants.append(site.name)
         out.local_train_seconds += float(metrics["train_seconds"])
-        if float(metrics["train_loss"]) >= 0:
+        if "train_loss" in metrics and float(metrics["train_loss"]) >= 0:  # sent only when the site allows it
             out.train_losses.append(float(metrics["train_loss"]))
     if updates:
         out.weighted_sum, out.total_weight = adapters.sum_updates(updates)
