@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Message
 
 from fedtune import adapters
@@ -141,6 +142,54 @@ def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
     for name, value in after_one.items():
         np.testing.assert_array_equal(sent_state[name], value)
     assert math.isfinite(summary.rows[0]["eval_loss"])
+
+
+def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cfg: FedtuneConfig,
+                                                                         monkeypatch) -> None:
+    """The evaluation after a checkpoint takes a while; a crash in it must not lose the round's row."""
+    import fedtune.federation.server as server_module
+
+    real = server_module.evaluate_lm
+    calls = []
+
+    def crash_on_round_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first call is the baseline, the second follows round 1's checkpoint
+            raise KeyboardInterrupt("the server was stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "evaluate_lm", crash_on_round_one)
+    run = Path(tiny_cfg.run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
+    assert load_checkpoint(run / "checkpoint")[0] == 1  # type: ignore[index]
+    assert not (run / "metrics.jsonl").exists()
+    pending = json.loads((run / server_module.PENDING_ROW).read_text())
+    assert pending["round"] == 1 and pending["participants"] == ["site-00", "site-01", "site-02"]
+
+    monkeypatch.setattr(server_module, "evaluate_lm", real)
+    summary = run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and [r["round"] for r in summary.rows] == [2]
+    assert rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    # Round 1's line carries the evaluation of round 1's checkpoint: the resumed baseline.
+    assert rows[0]["eval_loss"] == pytest.approx(json.loads((run / "summary.json").read_text())["initial_eval_loss"])
+    assert not (run / server_module.PENDING_ROW).exists()
+    assert (run / "adapters" / "round_001" / "adapter_model.safetensors").is_file()
+
+
+def test_a_stale_pending_row_is_dropped(tiny_cfg: FedtuneConfig) -> None:
+    """A round that crashed before its checkpoint runs again; its half-written row must not survive."""
+    from fedtune.federation.server import PENDING_ROW
+
+    run = Path(tiny_cfg.run_dir)
+    run.mkdir(parents=True)
+    (run / PENDING_ROW).write_text(json.dumps({"round": 1, "participants": ["ghost"]}))
+    tiny_cfg.federation.num_rounds = 1
+    run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] and rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    assert not (run / PENDING_ROW).exists()
 
 
 def test_a_node_claiming_another_sites_name_is_not_scheduled(tiny_cfg: FedtuneConfig, caplog) -> None:

@@ -222,6 +222,54 @@ def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list[SiteIn
     return report
 
 
+PENDING_ROW = "pending_round.json"
+
+
+def _complete_row(row: dict[str, Any], result: Any, eval_seconds: float, round_seconds: float) -> dict[str, Any]:
+    """The metrics line of a round: the pending row plus the held-out evaluation, in a fixed order."""
+    done = {k: v for k, v in row.items() if k not in ("local_train_seconds", "aggregation_seconds")}
+    done.update({"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
+                 "round_seconds": round_seconds, "aggregation_seconds": row.get("aggregation_seconds", 0.0),
+                 "eval_seconds": eval_seconds, "local_train_seconds": row["local_train_seconds"]})
+    return done
+
+
+def _record_row(run_dir: Path, row: dict[str, Any], show_progress: bool) -> None:
+    append_jsonl(run_dir / "metrics.jsonl", row)
+    (run_dir / PENDING_ROW).unlink(missing_ok=True)
+    if show_progress:
+        tqdm.write(reporting.table_row(row))
+
+
+def _finish_interrupted_round(run_dir: Path, done: int, model: Any, state: dict[str, np.ndarray], result: Any,
+                              eval_seconds: float, show_progress: bool) -> None:
+    """After a crash between a round's checkpoint and its metrics line, write what is missing.
+
+    The resumed server has just evaluated the checkpointed adapter, which is exactly the
+    evaluation the interrupted round still owed.  A pending row of any other round is stale
+    (that round had not checkpointed and will run again) and is dropped.
+    """
+    path = run_dir / PENDING_ROW
+    if not path.is_file():
+        return
+    try:
+        row = json.loads(path.read_text())
+        stale = int(row["round"]) != done
+    except (ValueError, KeyError, TypeError):
+        stale = True
+    metrics = run_dir / "metrics.jsonl"
+    logged = {json.loads(line)["round"] for line in metrics.read_text().splitlines() if line.strip()} \
+        if metrics.is_file() else set()
+    if stale or done in logged:
+        path.unlink()
+        return
+    adapter_dir = run_dir / "adapters" / f"round_{done:03d}"
+    if not adapter_dir.is_dir():
+        save_adapter(model, state, adapter_dir)
+    log.info("round %d was checkpointed before the server stopped; writing its metrics line now", done)
+    _record_row(run_dir, _complete_row(row, result, eval_seconds, eval_seconds), show_progress)
+
+
 def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> None:
     """peft ``save_pretrained`` into a temporary folder, moved into place atomically."""
     adapters.load_lora_state(model, state)
@@ -269,9 +317,12 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         return ServerSummary(run_dir, 0, "no site connected")
     rng = random.Random(fed.seed)
 
+    eval_started = time.perf_counter()
     adapters.load_lora_state(model, global_state)
     baseline = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
     log.info("held-out loss before round %d: %.4f (perplexity %.2f)", start_round, baseline.loss, baseline.perplexity)
+    _finish_interrupted_round(run_dir, start_round - 1, model, global_state, baseline,
+                              time.perf_counter() - eval_started, show_progress)
 
     rows: list[dict[str, Any]] = []
     stop_reason = "all rounds completed"
@@ -319,6 +370,20 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             site.missing = site.name in outcome.failures
 
         aggregation_started = time.perf_counter()
+        epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
+        row: dict[str, Any] = {
+            "round": round_number,
+            "participants": outcome.participants,
+            "refusals": outcome.refusals,
+            "failures": outcome.failures,
+            "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
+            "max_epsilon": reporting.json_number(max(epsilons)),
+            "local_train_seconds": outcome.local_train_seconds,
+            **outcome.extra,
+        }
+        # The row goes to disk before the checkpoint: a crash between the checkpoint and the
+        # metrics line (the evaluation takes a while) is finished on resume, not lost.
+        atomic_write_text(run_dir / PENDING_ROW, json.dumps(row))
         if outcome.weighted_sum is not None:
             mean_delta = strategy.aggregate(outcome.weighted_sum, outcome.total_weight)
             global_state = strategy.apply(global_state, mean_delta)
@@ -326,36 +391,16 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             save_adapter(model, global_state, run_dir / "adapters" / f"round_{round_number:03d}")
         else:
             log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
-        aggregation_seconds = time.perf_counter() - aggregation_started
-        participants, refusals, failures = outcome.participants, outcome.refusals, outcome.failures
-        train_losses, local_train_seconds = outcome.train_losses, outcome.local_train_seconds
+        row["aggregation_seconds"] = time.perf_counter() - aggregation_started
 
         eval_started = time.perf_counter()
         adapters.load_lora_state(model, global_state)
         result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
-        eval_seconds = time.perf_counter() - eval_started
-        epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
-        row = {
-            "round": round_number,
-            "participants": participants,
-            "refusals": refusals,
-            "failures": failures,
-            "train_loss": float(np.mean(train_losses)) if train_losses else None,
-            "eval_loss": result.loss,
-            "eval_perplexity": result.perplexity,
-            "eval_accuracy": result.accuracy,
-            "max_epsilon": reporting.json_number(max(epsilons)),
-            "round_seconds": time.perf_counter() - round_started,
-            "aggregation_seconds": aggregation_seconds,
-            "eval_seconds": eval_seconds,
-            "local_train_seconds": local_train_seconds,
-            **outcome.extra,
-        }
-        append_jsonl(run_dir / "metrics.jsonl", row)
+        row = _complete_row(row, result, time.perf_counter() - eval_started,
+                            time.perf_counter() - round_started)
+        _record_row(run_dir, row, show_progress)
         rows.append(row)
         rounds_completed = round_number
-        if show_progress:
-            tqdm.write(reporting.table_row(row))
     bar.close()
 
     reporting.write_privacy_report(run_dir, privacy_report(cfg, ledger, sites))
