@@ -178,6 +178,42 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
     assert (run / "adapters" / "round_001" / "adapter_model.safetensors").is_file()
 
 
+def test_evaluation_of_a_round_runs_while_the_sites_train_the_next(tiny_cfg: FedtuneConfig, monkeypatch) -> None:
+    import threading
+
+    import fedtune.federation.server as server_module
+
+    real = server_module.evaluate_lm
+    events: list[tuple[str, int]] = []
+    first_eval_done = threading.Event()
+
+    def slow_eval(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if len([e for e in events if e[0] == "eval"]) == 1:  # round 1's evaluation (after the baseline)
+            first_eval_done.wait(timeout=30)  # held until round 2's train messages have gone out
+        events.append(("eval", threading.get_ident()))
+        return result
+
+    class WatchingGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == protocol.TRAIN:
+                events.append(("train", threading.get_ident()))
+                if len([e for e in events if e[0] == "train"]) == 2:
+                    first_eval_done.set()
+            return super().send_and_receive(messages, timeout=timeout)
+
+    monkeypatch.setattr(server_module, "evaluate_lm", slow_eval)
+    summary = run_server(WatchingGrid(make_client_app(tiny_cfg), 3), tiny_cfg, Path(tiny_cfg.run_dir),
+                         show_progress=False)
+    kinds = [kind for kind, _ in events]
+    # baseline, round 1's train, round 2's train (sent before round 1's evaluation finished), ...
+    assert kinds[:4] == ["eval", "train", "train", "eval"], kinds
+    assert events[3][1] != events[2][1]  # evaluated on the evaluator thread
+    assert [r["round"] for r in summary.rows] == [1, 2]
+    assert all(r["eval_seconds"] > 0 and r["round_seconds"] > 0 for r in summary.rows)
+
+
 def test_a_stale_pending_row_is_dropped(tiny_cfg: FedtuneConfig) -> None:
     """A round that crashed before its checkpoint runs again; its half-written row must not survive."""
     from fedtune.federation.server import PENDING_ROW

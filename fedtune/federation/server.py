@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -325,82 +326,105 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                               time.perf_counter() - eval_started, show_progress)
 
     rows: list[dict[str, Any]] = []
+
+    def finish_round(row: dict[str, Any], state: dict[str, np.ndarray], round_seconds: float,
+                     adapter_dir: Optional[Path]) -> None:
+        """Save the round's adapter, evaluate it and write its metrics line (on the evaluator thread)."""
+        if adapter_dir is not None:
+            save_adapter(model, state, adapter_dir)
+        started = time.perf_counter()
+        adapters.load_lora_state(model, state)
+        result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+        done = _complete_row(row, result, time.perf_counter() - started, round_seconds)
+        _record_row(run_dir, done, show_progress)
+        rows.append(done)
+
+    # The held-out evaluation of round r runs while the sites train round r+1: with a real
+    # model it takes minutes, and the sites would otherwise sit idle.  One thread owns the
+    # server's model from here on; at most one evaluation is outstanding, so the pending
+    # metrics line on disk always belongs to the latest checkpoint.
+    evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-eval")
+    evaluating: Optional[Future] = None
     stop_reason = "all rounds completed"
     rounds_completed = start_round - 1
     bar = tqdm(range(start_round, fed.num_rounds + 1), desc="rounds", unit="round", disable=not show_progress)
     if show_progress:
         tqdm.write(reporting.TABLE_HEADER)
-    for round_number in bar:
-        rc = round_config(cfg, round_number)
-        charge = _charge_of(rc)
-        eligible = []
-        for site in sites:
-            if site.refused:
-                continue
-            if not cfg.privacy.enabled:
-                eligible.append(site)
-                continue
-            decision = ledger.check(site.name, charge, site.budget_epsilon, site.delta)
-            if decision.allowed:
-                eligible.append(site)
+    try:
+        for round_number in bar:
+            rc = round_config(cfg, round_number)
+            charge = _charge_of(rc)
+            eligible = []
+            for site in sites:
+                if site.refused:
+                    continue
+                if not cfg.privacy.enabled:
+                    eligible.append(site)
+                    continue
+                decision = ledger.check(site.name, charge, site.budget_epsilon, site.delta)
+                if decision.allowed:
+                    eligible.append(site)
+                else:
+                    log.info("not scheduling %s: round %d would raise its ε from %.3f to %.3f (budget %g)",
+                             site.name, round_number, decision.epsilon_before, decision.epsilon_after,
+                             site.budget_epsilon)
+            if not eligible:
+                stop_reason = (f"no site has privacy budget left for round {round_number}: one more round of "
+                               f"σ={rc.noise_multiplier}, q={rc.sample_rate}, {rc.local_steps} steps would exceed "
+                               "every site's ε budget. Raise privacy.target_epsilon or privacy.noise_multiplier, "
+                               "or lower privacy.sample_rate or train.local_steps.")
+                log.warning("stopping: %s", stop_reason)
+                break
+            eligible = _reachable(grid, eligible, MIN_SITES if cfg.secagg.enabled else 1, wait_timeout_s, enrolled)
+            selected = sorted(rng.sample(eligible, min(len(eligible), fed.sites_per_round or len(eligible))),
+                              key=lambda s: s.name)
+
+            round_started = time.perf_counter()
+            if cfg.secagg.enabled:
+                from fedtune.federation.secure_server import secure_round
+
+                outcome = secure_round(grid, selected, cfg, rc, global_state, aggregated, ledger, round_timeout_s)
             else:
-                log.info("not scheduling %s: round %d would raise its ε from %.3f to %.3f (budget %g)",
-                         site.name, round_number, decision.epsilon_before, decision.epsilon_after, site.budget_epsilon)
-        if not eligible:
-            stop_reason = (f"no site has privacy budget left for round {round_number}: one more round of "
-                           f"σ={rc.noise_multiplier}, q={rc.sample_rate}, {rc.local_steps} steps would exceed "
-                           "every site's ε budget. Raise privacy.target_epsilon or privacy.noise_multiplier, "
-                           "or lower privacy.sample_rate or train.local_steps.")
-            log.warning("stopping: %s", stop_reason)
-            break
-        eligible = _reachable(grid, eligible, MIN_SITES if cfg.secagg.enabled else 1, wait_timeout_s, enrolled)
-        selected = sorted(rng.sample(eligible, min(len(eligible), fed.sites_per_round or len(eligible))),
-                          key=lambda s: s.name)
+                outcome = plain_round(grid, selected, rc, global_state, spec, ledger, round_timeout_s)
+            for site in selected:
+                if site.name in outcome.refusals:
+                    site.refused = True
+                site.missing = site.name in outcome.failures
 
-        round_started = time.perf_counter()
-        if cfg.secagg.enabled:
-            from fedtune.federation.secure_server import secure_round
-
-            outcome = secure_round(grid, selected, cfg, rc, global_state, aggregated, ledger, round_timeout_s)
-        else:
-            outcome = plain_round(grid, selected, rc, global_state, spec, ledger, round_timeout_s)
-        for site in selected:
-            if site.name in outcome.refusals:
-                site.refused = True
-            site.missing = site.name in outcome.failures
-
-        aggregation_started = time.perf_counter()
-        epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
-        row: dict[str, Any] = {
-            "round": round_number,
-            "participants": outcome.participants,
-            "refusals": outcome.refusals,
-            "failures": outcome.failures,
-            "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
-            "max_epsilon": reporting.json_number(max(epsilons)),
-            "local_train_seconds": outcome.local_train_seconds,
-            **outcome.extra,
-        }
-        # The row goes to disk before the checkpoint: a crash between the checkpoint and the
-        # metrics line (the evaluation takes a while) is finished on resume, not lost.
-        atomic_write_text(run_dir / PENDING_ROW, json.dumps(row))
-        if outcome.weighted_sum is not None:
-            mean_delta = strategy.aggregate(outcome.weighted_sum, outcome.total_weight)
-            global_state = strategy.apply(global_state, mean_delta)
-            save_checkpoint(run_dir / "checkpoint", round_number, global_state)
-            save_adapter(model, global_state, run_dir / "adapters" / f"round_{round_number:03d}")
-        else:
-            log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
-        row["aggregation_seconds"] = time.perf_counter() - aggregation_started
-
-        eval_started = time.perf_counter()
-        adapters.load_lora_state(model, global_state)
-        result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
-        row = _complete_row(row, result, time.perf_counter() - eval_started,
-                            time.perf_counter() - round_started)
-        _record_row(run_dir, row, show_progress)
-        rows.append(row)
-        rounds_completed = round_number
+            aggregation_started = time.perf_counter()
+            epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if cfg.privacy.enabled else [math.inf]
+            row: dict[str, Any] = {
+                "round": round_number,
+                "participants": outcome.participants,
+                "refusals": outcome.refusals,
+                "failures": outcome.failures,
+                "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
+                "max_epsilon": reporting.json_number(max(epsilons)),
+                "local_train_seconds": outcome.local_train_seconds,
+                **outcome.extra,
+            }
+            if evaluating is not None:
+                evaluating.result()  # the previous round's line is written (and its error, if any, raised)
+                evaluating = None
+            # The row goes to disk before the checkpoint: a crash between the checkpoint and the
+            # metrics line (the evaluation takes a while) is finished on resume, not lost.
+            atomic_write_text(run_dir / PENDING_ROW, json.dumps(row))
+            adapter_dir = None
+            if outcome.weighted_sum is not None:
+                mean_delta = strategy.aggregate(outcome.weighted_sum, outcome.total_weight)
+                global_state = strategy.apply(global_state, mean_delta)
+                save_checkpoint(run_dir / "checkpoint", round_number, global_state)
+                adapter_dir = run_dir / "adapters" / f"round_{round_number:03d}"
+            else:
+                log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
+            row["aggregation_seconds"] = time.perf_counter() - aggregation_started
+            snapshot = {n: v.copy() for n, v in global_state.items()}
+            evaluating = evaluator.submit(finish_round, row, snapshot, time.perf_counter() - round_started, adapter_dir)
+            rounds_completed = round_number
+        if evaluating is not None:
+            evaluating.result()
+    finally:
+        evaluator.shutdown(wait=True)
     bar.close()
 
     reporting.write_privacy_report(run_dir, privacy_report(cfg, ledger, sites))
