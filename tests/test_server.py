@@ -171,7 +171,7 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
     summary = run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and [r["round"] for r in summary.rows] == [2]
-    assert rows[0]["participants"] == ["site-00", "site-01", "site-02"]
+    assert rows[0]["participants"] == ["site-00", "site-01", "site-02"] and rows[0]["round_seconds"] > 0
     # Round 1's line carries the evaluation of round 1's checkpoint: the resumed baseline.
     assert rows[0]["eval_loss"] == pytest.approx(json.loads((run / "summary.json").read_text())["initial_eval_loss"])
     assert not (run / server_module.PENDING_ROW).exists()

@@ -228,7 +228,7 @@ PENDING_ROW = "pending_round.json"
 
 def _complete_row(row: dict[str, Any], result: Any, eval_seconds: float, round_seconds: float) -> dict[str, Any]:
     """The metrics line of a round: the pending row plus the held-out evaluation, in a fixed order."""
-    done = {k: v for k, v in row.items() if k not in ("local_train_seconds", "aggregation_seconds")}
+    done = {k: v for k, v in row.items() if k not in ("local_train_seconds", "aggregation_seconds", "round_seconds")}
     done.update({"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
                  "round_seconds": round_seconds, "aggregation_seconds": row.get("aggregation_seconds", 0.0),
                  "eval_seconds": eval_seconds, "local_train_seconds": row["local_train_seconds"]})
@@ -268,7 +268,8 @@ def _finish_interrupted_round(run_dir: Path, done: int, model: Any, state: dict[
     if not adapter_dir.is_dir():
         save_adapter(model, state, adapter_dir)
     log.info("round %d was checkpointed before the server stopped; writing its metrics line now", done)
-    _record_row(run_dir, _complete_row(row, result, eval_seconds, eval_seconds), show_progress)
+    _record_row(run_dir, _complete_row(row, result, eval_seconds, float(row.get("round_seconds", 0.0))),
+                show_progress)
 
 
 def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> None:
@@ -408,6 +409,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                 evaluating = None
             # The row goes to disk before the checkpoint: a crash between the checkpoint and the
             # metrics line (the evaluation takes a while) is finished on resume, not lost.
+            row["round_seconds"] = time.perf_counter() - round_started
             atomic_write_text(run_dir / PENDING_ROW, json.dumps(row))
             adapter_dir = None
             if outcome.weighted_sum is not None:
