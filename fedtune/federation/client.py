@@ -45,7 +45,7 @@ class SiteSettings:
     # Where this site trains ("cpu", "cuda", "cuda:1"); a deployed site sets it in site.yaml.
     device: str = "cpu"
     # Whether the plain update carries the site's un-noised mean train loss (see
-    # PrivacyConfig.release_train_loss); a deployed site never sends it.
+    # PrivacyConfig.release_train_loss); a deployed private site never sends it.
     release_train_loss: bool = False
 
 

@@ -258,10 +258,7 @@ def _finish_interrupted_round(run_dir: Path, done: int, model: Any, state: dict[
         stale = int(row["round"]) != done
     except (ValueError, KeyError, TypeError):
         stale = True
-    metrics = run_dir / "metrics.jsonl"
-    logged = {json.loads(line)["round"] for line in metrics.read_text().splitlines() if line.strip()} \
-        if metrics.is_file() else set()
-    if stale or done in logged:
+    if stale or done in _logged_rounds(run_dir / "metrics.jsonl"):
         path.unlink()
         return
     adapter_dir = run_dir / "adapters" / f"round_{done:03d}"
@@ -270,6 +267,17 @@ def _finish_interrupted_round(run_dir: Path, done: int, model: Any, state: dict[
     log.info("round %d was checkpointed before the server stopped; writing its metrics line now", done)
     _record_row(run_dir, _complete_row(row, result, eval_seconds, float(row.get("round_seconds", 0.0))),
                 show_progress)
+
+
+def _logged_rounds(metrics: Path) -> set[int]:
+    """Rounds with a metrics line; a line cut short by a crash mid-write counts as absent."""
+    rounds = set()
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            rounds.add(int(json.loads(line)["round"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rounds
 
 
 def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> None:
