@@ -49,7 +49,11 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -91,6 +95,39 @@ PULL_BACKOFF_CAP_S = 0.5
 OBJECT_CONCURRENCY = 8
 
 
+# Flower 1.42 leaves a task behind when the SuperLink stops while the SuperNode is fetching
+# that task's message (its RunNotRunningException path neither deletes the message nor
+# finishes the task); the message's objects then never arrive.  Flower's own pull would keep
+# asking for up to 500 tries per object (minutes here, ~80 min with its 10 s cap) and the
+# site would miss the next run (seen in CI after a server restart).  A healthy transfer
+# delivers some object every few seconds, even for a large adapter on a slow link, so a
+# task whose objects stall this long is given up and reported failed.
+OBJECT_STALL_S = 30.0
+
+
+def stall_guarded(pull_object: Callable[[str], bytes], stall_s: float = OBJECT_STALL_S) -> Callable[[str], bytes]:
+    """``pull_object`` that gives up once no object of the message arrived for ``stall_s``."""
+    last_progress = time.monotonic()
+    lock = threading.Lock()
+
+    def pull(object_id: str) -> bytes:
+        nonlocal last_progress
+        try:
+            content = pull_object(object_id)
+        except ObjectUnavailableError:
+            with lock:
+                stalled = time.monotonic() - last_progress
+            if stalled > stall_s:
+                raise ObjectPullError(object_id, f"no object of this message arrived for {stalled:.0f} s; the "
+                                                 "SuperNode stopped fetching it (its run probably ended)") from None
+            raise
+        with lock:
+            last_progress = time.monotonic()
+        return content
+
+    return pull
+
+
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
     """Flower's ``run_clientapp.pull_task_input`` with a short object-pull backoff."""
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -107,7 +144,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
     tree = pulled.message_object_trees[0]
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        stall_guarded(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
         max_concurrent_pulls=OBJECT_CONCURRENCY,
