@@ -23,8 +23,19 @@ FIRST_POLL_S = 0.05
 MAX_POLL_S = 0.2
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: Optional[float]) -> list[Message]:
-    """Push ``messages``; return the replies that arrive within ``timeout`` seconds (None: all)."""
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: Optional[float]) -> dict[int, Message]:
+    """Push ``messages``; return the replies that arrive within ``timeout`` seconds (None: all).
+
+    Replies are keyed by the node each message was sent to: an error reply the SuperLink
+    makes itself (the node is offline) names the SuperLink, not the node, as its source.
+    """
+    messages = list(messages)
+    destination = {m.object_id: m.metadata.dst_node_id for m in messages}
+    return {destination.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r
+            for r in _replies(grid, messages, timeout)}
+
+
+def _replies(grid: Grid, messages: list[Message], timeout: Optional[float]) -> list[Message]:
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
     started = time.monotonic()

@@ -41,8 +41,7 @@ def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage
           per_node: Optional[dict[int, dict]] = None) -> tuple[dict[int, Message], set[int]]:
     """One stage to many nodes in one round trip; ``per_node`` adds node-specific stage fields.
 
-    Returns the good replies by node, and the nodes the SuperLink reported offline (it
-    answers for them itself, so such an error reply names the SuperLink as its source).
+    Returns the good replies by node, and the nodes the SuperLink reported offline.
     """
     messages = []
     for node, records in contents.items():
@@ -50,11 +49,9 @@ def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage
         records[protocol.ROUND_CONFIG] = rc.to_record()
         records[protocol.SECAGG] = ConfigRecord({**stage, **(per_node or {}).get(node, {})})
         messages.append(Message(RecordDict(records), dst_node_id=node, message_type=protocol.TRAIN))
-    destination = {m.object_id: m.metadata.dst_node_id for m in messages}
     replies: dict[int, Message] = {}
     offline: set[int] = set()
-    for reply in exchange.send_and_receive(grid, messages, timeout):
-        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    for node, reply in exchange.send_and_receive(grid, messages, timeout).items():
         if reply.has_error():
             log.warning("%s failed the %s stage of round %d: %s", names.get(node, f"node {node}"), stage["stage"],
                         rc.round, reply.error.reason)

@@ -91,7 +91,7 @@ def plain_round(grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig
                protocol.ROUND_CONFIG: rc.to_record()}
     messages = [Message(RecordDict(dict(content)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
                 for s in selected]
-    replies = {r.metadata.src_node_id: r for r in exchange.send_and_receive(grid, messages, timeout)}
+    replies = exchange.send_and_receive(grid, messages, timeout)
     out = RoundOutcome()
     updates: list[tuple[dict[str, np.ndarray], float]] = []
     for site in selected:
@@ -141,11 +141,8 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
     site's budget) is ignored with an error line.  Two nodes claiming one name are too.
     """
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.DESCRIBE) for n in node_ids]
-    # An error reply made by the SuperLink (node offline) does not carry the node as source.
-    destination = {m.object_id: m.metadata.dst_node_id for m in messages}
     sites: dict[str, SiteInfo] = {}
-    for reply in exchange.send_and_receive(grid, messages, timeout_s):
-        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    for node, reply in exchange.send_and_receive(grid, messages, timeout_s).items():
         if reply.has_error():
             log.info("node %d did not describe itself: %s", node, reply.error.reason)
             continue
@@ -227,12 +224,10 @@ PENDING_ROW = "pending_round.json"
 
 
 def _complete_row(row: dict[str, Any], result: Any, eval_seconds: float, round_seconds: float) -> dict[str, Any]:
-    """The metrics line of a round: the pending row plus the held-out evaluation, in a fixed order."""
-    done = {k: v for k, v in row.items() if k not in ("local_train_seconds", "aggregation_seconds", "round_seconds")}
-    done.update({"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
-                 "round_seconds": round_seconds, "aggregation_seconds": row.get("aggregation_seconds", 0.0),
-                 "eval_seconds": eval_seconds, "local_train_seconds": row["local_train_seconds"]})
-    return done
+    """The metrics line of a round: the pending row plus the held-out evaluation and the timings."""
+    return {**row, "eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
+            "round_seconds": round_seconds, "aggregation_seconds": row.get("aggregation_seconds", 0.0),
+            "eval_seconds": eval_seconds}
 
 
 def _record_row(run_dir: Path, row: dict[str, Any], show_progress: bool) -> None:
