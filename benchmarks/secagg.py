@@ -104,6 +104,14 @@ class Timings:
     server: dict[str, float] = field(default_factory=dict)
     error: dict[str, float] = field(default_factory=dict)
 
+    def record_sites(self, clocks: dict, timed: set[int], sent: dict[int, int], kept: list[int]) -> None:
+        """Per-stage and total client time of the timed sites, and the bytes each kept site sent."""
+        for i in sorted(timed):
+            for stage in STAGES:
+                self.client[stage].append(clocks[i].spent[stage])
+            self.total.append(sum(clocks[i].spent.values()))
+        self.bytes_per_site = [sent[i] for i in kept]
+
 
 def site_delta(n_entries: int, site: int) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(site)
@@ -190,11 +198,7 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
         res.error[case] = float(np.max(np.abs(weighted / total - ref_sum / ref_weight)))
         res.error[case + "_bound"] = quant.sum_error_bound / total
         yield
-    for i in sorted(timed):
-        for stage in STAGES:
-            res.client[stage].append(clocks[i].spent[stage])
-        res.total.append(sum(clocks[i].spent.values()))
-    res.bytes_per_site = [sent[i] for i in sites if i not in dropped]
+    res.record_sites(clocks, timed, sent, [i for i in sites if i not in dropped])
 
 
 # ------------------------------------------------------------------ Flower
@@ -300,11 +304,7 @@ def run_flower(n: int, entries: int, k: int, t: int, dropped: set[int], timed: s
         ref_sum, ref_weight = plain_sums[case]
         res.error[case] = float(np.max(np.abs(aggregated[0] - ref_sum / ref_weight)))
         yield
-    for i in sorted(timed):
-        for stage in STAGES:
-            res.client[stage].append(clocks[i].spent[stage])
-        res.total.append(sum(clocks[i].spent.values()))
-    res.bytes_per_site = [sent[i] for i in nids if i not in dropped]
+    res.record_sites(clocks, timed, sent, [i for i in nids if i not in dropped])
 
 
 # ------------------------------------------------------------------ plain

@@ -84,7 +84,10 @@ def record_layout(record: ArrayRecord) -> list[tuple[str, tuple[int, ...]]]:
 
 def from_array_record(record: ArrayRecord) -> State:
     """The tensors of a packed record, as views into one array (load or copy before changing them)."""
-    layout = record_layout(record)
+    return _unpack(record, record_layout(record))
+
+
+def _unpack(record: ArrayRecord, layout: list[tuple[str, tuple[int, ...]]]) -> State:
     values = record[PACKED].numpy()
     if values.ndim != 1:
         raise ValueError(f"packed adapter must be a vector, got shape {values.shape}")
@@ -125,9 +128,10 @@ def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> Sta
         total_bytes = sum(len(record[n].data) for n in record.keys())
         if total_bytes > spec.max_bytes:
             raise UpdateRejected(f"payload of {total_bytes} bytes exceeds the limit of {spec.max_bytes}")
-        layout = dict(record_layout(record))
+        entries = record_layout(record)
     except ValueError as exc:
         raise UpdateRejected(str(exc)) from None
+    layout = dict(entries)
     if set(layout) != set(spec.shapes):
         missing, extra = sorted(set(spec.shapes) - set(layout)), sorted(set(layout) - set(spec.shapes))
         raise UpdateRejected(f"wrong tensors (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -139,7 +143,7 @@ def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> Sta
     if not (math.isfinite(weight) and weight > 0):
         raise UpdateRejected(f"weight {weight} is not a positive finite number")
     try:
-        state = from_array_record(record)
+        state = _unpack(record, entries)
     except ValueError as exc:
         raise UpdateRejected(str(exc)) from None
     for name, value in state.items():

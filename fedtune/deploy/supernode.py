@@ -65,7 +65,6 @@ class _PromptTime:
             busy = _time.monotonic() - self.last_busy < BUSY_WINDOW_S
             _time.sleep(min(BUSY_POLL_S, self.idle_poll_s) if busy else self.idle_poll_s)
         elif seconds == FLOWER_REPLY_SLEEP_S:
-            self.mark_busy()
             _time.sleep(REPLY_POLL_S)
         else:
             _time.sleep(seconds)
