@@ -15,6 +15,9 @@ TEXTS = ["a", "short note", "a somewhat longer clinical note about chest pain", 
 
 
 def _model_and_batch(tiny_cfg: FedtuneConfig):
+    # Seeded: with unseeded draws the two losses compared in the batch-mean test came within
+    # 1e-3 of each other in a few runs in a hundred.
+    torch.manual_seed(0)
     model, tok = build_lora_model(tiny_cfg.model)
     # Make B non-zero so that gradients w.r.t. A are non-zero too.
     with torch.no_grad():
