@@ -165,13 +165,14 @@ class FedtuneConfig:
     log_level: str = "INFO"
 
 
-def _require(cond: bool, field_name: str, problem: str, fix: str) -> None:
+def require(cond: bool, field_name: str, problem: str, fix: str) -> None:
+    """Raise ConfigError naming ``field_name``, the problem and the fix, unless ``cond``."""
     if not cond:
         raise ConfigError(field_name, problem, fix)
 
 
 def _choice(value: str, options: tuple[str, ...], field_name: str) -> None:
-    _require(
+    require(
         value in options,
         field_name,
         f"'{value}' is not one of {', '.join(options)}",
@@ -183,86 +184,86 @@ def validate(cfg: FedtuneConfig) -> None:
     """Check every value that can be checked without the data; raise ConfigError."""
     p, t, f, d, m = cfg.privacy, cfg.train, cfg.federation, cfg.data, cfg.model
 
-    _require(
+    require(
         p.target_epsilon > 0 and not math.isnan(p.target_epsilon),
         "privacy.target_epsilon",
         f"{p.target_epsilon} is not a positive budget",
         "Use a positive number such as 1, 4 or 8 (set privacy.enabled=false for a non-private run).",
     )
-    _require(0 < p.delta < 1, "privacy.delta", f"{p.delta} is not in (0, 1)",
+    require(0 < p.delta < 1, "privacy.delta", f"{p.delta} is not in (0, 1)",
              "Use a small positive δ below 1/(records per site), e.g. 1e-5.")
-    _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"clipping norm {p.max_grad_norm} is not positive",
+    require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"clipping norm {p.max_grad_norm} is not positive",
              "Use a positive clipping norm C, e.g. 1.0.")
-    _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"{p.noise_multiplier} is negative",
+    require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"{p.noise_multiplier} is negative",
              "Use σ ≥ 0 (σ = 0 gives no privacy: set privacy.enabled=false instead).")
     if p.enabled:
-        _require(p.noise_multiplier > 0, "privacy.noise_multiplier",
+        require(p.noise_multiplier > 0, "privacy.noise_multiplier",
                  "σ = 0 with privacy.enabled=true gives an infinite ε",
                  "Use σ > 0 (e.g. 0.8), or set privacy.enabled=false.")
-    _require(0 < p.sample_rate <= 1, "privacy.sample_rate", f"{p.sample_rate} is outside (0, 1]",
+    require(0 < p.sample_rate <= 1, "privacy.sample_rate", f"{p.sample_rate} is outside (0, 1]",
              "Use a Poisson sampling rate q in (0, 1], e.g. 0.05.")
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
 
-    _require(t.local_steps >= 1, "train.local_steps", f"{t.local_steps} < 1", "Use at least one local step.")
-    _require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} is not positive",
+    require(t.local_steps >= 1, "train.local_steps", f"{t.local_steps} < 1", "Use at least one local step.")
+    require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} is not positive",
              "Use a positive learning rate, e.g. 0.01.")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-    _require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} < 1", "Use at least 1.")
-    _require(t.torch_threads >= 1, "train.torch_threads", f"{t.torch_threads} < 1", "Use at least 1.")
+    require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} < 1", "Use at least 1.")
+    require(t.torch_threads >= 1, "train.torch_threads", f"{t.torch_threads} < 1", "Use at least 1.")
 
-    _require(f.num_sites >= 1, "federation.num_sites", f"{f.num_sites} < 1", "Use at least one site.")
-    _require(f.num_rounds >= 1, "federation.num_rounds", f"{f.num_rounds} < 1", "Use at least one round.")
+    require(f.num_sites >= 1, "federation.num_sites", f"{f.num_sites} < 1", "Use at least one site.")
+    require(f.num_rounds >= 1, "federation.num_rounds", f"{f.num_rounds} < 1", "Use at least one round.")
     if f.sites_per_round is not None:
-        _require(1 <= f.sites_per_round <= f.num_sites, "federation.sites_per_round",
+        require(1 <= f.sites_per_round <= f.num_sites, "federation.sites_per_round",
                  f"{f.sites_per_round} is not between 1 and num_sites={f.num_sites}",
                  "Use null (all sites) or a number in that range.")
     _choice(f.strategy, STRATEGIES, "federation.strategy")
-    _require(f.max_update_bytes > 0, "federation.max_update_bytes", "must be positive", "Use e.g. 268435456.")
-    _require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
-    _require(f.wait_for_sites_s > 0, "federation.wait_for_sites_s", "must be positive", "Use e.g. 120.")
-    _require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
+    require(f.max_update_bytes > 0, "federation.max_update_bytes", "must be positive", "Use e.g. 268435456.")
+    require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
+    require(f.wait_for_sites_s > 0, "federation.wait_for_sites_s", "must be positive", "Use e.g. 120.")
+    require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
              f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
 
     _choice(d.format, DATA_FORMATS, "data.format")
     _choice(m.task, TASKS, "model.task")
     if m.task == "classification":
-        _require(d.format == "labelled", "data.format", f"'{d.format}' records carry no class labels",
+        require(d.format == "labelled", "data.format", f"'{d.format}' records carry no class labels",
                  "Set data.format=labelled for model.task=classification "
                  '(records like {"text": "...", "label": 1}).')
-        _require(m.num_labels >= 2, "model.num_labels", f"{m.num_labels} < 2", "Use the number of classes, e.g. 2.")
+        require(m.num_labels >= 2, "model.num_labels", f"{m.num_labels} < 2", "Use the number of classes, e.g. 2.")
         if d.path is None:
             from fedtune.data.demo import speciality_names
 
             classes = len(speciality_names())
-            _require(m.num_labels == classes, "model.num_labels",
+            require(m.num_labels == classes, "model.num_labels",
                      f"the demo corpus has {classes} classes (specialities), not {m.num_labels}",
                      f"Set model.num_labels={classes}, or give a labelled JSONL in data.path.")
         if d.label_names is not None:
-            _require(len(d.label_names) == m.num_labels, "data.label_names",
+            require(len(d.label_names) == m.num_labels, "data.label_names",
                      f"{len(d.label_names)} names for model.num_labels={m.num_labels}",
                      "List one name per class, in class-index order.")
     else:
-        _require(d.format != "labelled", "data.format", "labelled records need a classification head",
+        require(d.format != "labelled", "data.format", "labelled records need a classification head",
                  "Set model.task=classification (and model.num_labels), or use text/instruction records.")
     _choice(d.partition, PARTITIONS, "data.partition")
-    _require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
+    require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
              "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")
-    _require(0 < d.eval_fraction < 1, "data.eval_fraction", f"{d.eval_fraction} is outside (0, 1)",
+    require(0 < d.eval_fraction < 1, "data.eval_fraction", f"{d.eval_fraction} is outside (0, 1)",
              "Hold out a fraction such as 0.1 for evaluation.")
-    _require(d.max_length >= 8, "data.max_length", f"{d.max_length} < 8", "Use at least 8 tokens, e.g. 128.")
+    require(d.max_length >= 8, "data.max_length", f"{d.max_length} < 8", "Use at least 8 tokens, e.g. 128.")
     if d.path is None:
-        _require(d.demo_records >= 10, "data.demo_records", f"{d.demo_records} < 10", "Use at least 10 records.")
+        require(d.demo_records >= 10, "data.demo_records", f"{d.demo_records} < 10", "Use at least 10 records.")
     else:
         path = Path(d.path)
-        _require(path.is_file(), "data.path", f"'{d.path}' is not a file",
+        require(path.is_file(), "data.path", f"'{d.path}' is not a file",
                  "Point data.path at a local JSONL file, or set it to null for the built-in demo corpus.")
-        _require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
+        require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
                  "Give a JSONL file with one record per line.")
 
     if d.canary_path is not None:
-        _require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
+        require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
                  "Point data.canary_path at a JSONL file of canary records, or set it to null.")
-        _require(0 <= d.canary_site < f.num_sites, "data.canary_site",
+        require(0 <= d.canary_site < f.num_sites, "data.canary_site",
                  f"{d.canary_site} is not a site index below num_sites={f.num_sites}",
                  f"Use a site index in 0..{f.num_sites - 1}.")
 
@@ -270,26 +271,26 @@ def validate(cfg: FedtuneConfig) -> None:
         validate_secagg(cfg)
 
     lora = m.lora
-    _require(lora.rank >= 1, "model.lora.rank", f"{lora.rank} < 1", "Use a rank such as 8.")
-    _require(lora.alpha > 0, "model.lora.alpha", f"{lora.alpha} is not positive", "Use e.g. 2 × rank.")
-    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"{lora.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.05.")
-    _require(not lora.use_dora, "model.lora.use_dora",
+    require(lora.rank >= 1, "model.lora.rank", f"{lora.rank} < 1", "Use a rank such as 8.")
+    require(lora.alpha > 0, "model.lora.alpha", f"{lora.alpha} is not positive", "Use e.g. 2 × rank.")
+    require(0 <= lora.dropout < 1, "model.lora.dropout", f"{lora.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.05.")
+    require(not lora.use_dora, "model.lora.use_dora",
              "DoRA's magnitude vector has no per-sample gradient rule in Opacus, so DP-SGD cannot clip it",
              "Set model.lora.use_dora=false.")
     if lora.target_modules is not None:
-        _require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty",
+        require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty",
                  "List module names such as [q_proj, v_proj], or null for the model family's default.")
         embedding_like = [name for name in lora.target_modules if "emb" in name or name in ("wte", "wpe")]
-        _require(not embedding_like, "model.lora.target_modules",
+        require(not embedding_like, "model.lora.target_modules",
                  f"LoRA on embeddings ({', '.join(embedding_like)}) fails under every Opacus grad-sample mode",
                  "Target attention/MLP projections instead, e.g. [q_proj, v_proj].")
     if m.path is not None:
         mp = Path(m.path)
-        _require(mp.is_dir() and (mp / "config.json").is_file(), "model.path",
+        require(mp.is_dir() and (mp / "config.json").is_file(), "model.path",
                  f"'{m.path}' is not a Hugging Face model directory (no config.json)",
                  "Point model.path at a local directory saved with save_pretrained, or null for the tiny model.")
     tiny = m.tiny
-    _require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
+    require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
              f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")
 
 
@@ -308,35 +309,35 @@ def validate_secagg(cfg: FedtuneConfig) -> None:
     from fedtune.secagg.protocol import MIN_SITES
 
     s, n = cfg.secagg, cfg.federation.num_sites
-    _require(n >= MIN_SITES, "secagg.enabled", f"secure aggregation needs at least {MIN_SITES} sites, got {n}",
+    require(n >= MIN_SITES, "secagg.enabled", f"secure aggregation needs at least {MIN_SITES} sites, got {n}",
              f"Use federation.num_sites >= {MIN_SITES}, or secagg.enabled=false.")
     if s.neighbours is not None:
-        _require(s.neighbours >= 2 and s.neighbours % 2 == 0, "secagg.neighbours",
+        require(s.neighbours >= 2 and s.neighbours % 2 == 0, "secagg.neighbours",
                  f"{s.neighbours} is not an even number ≥ 2", "Use an even k such as 6, or null for ~2·log2(n).")
     k, _ = secagg_parameters(cfg, n)
     if s.threshold is not None:
-        _require(2 <= s.threshold <= k, "secagg.threshold", f"{s.threshold} is not between 2 and neighbours={k}",
+        require(2 <= s.threshold <= k, "secagg.threshold", f"{s.threshold} is not between 2 and neighbours={k}",
                  f"Use a threshold in 2..{k} (a majority, {k // 2 + 1}, is the usual choice).")
-    _require(s.max_weight >= 1, "secagg.max_weight", f"{s.max_weight} < 1", "Use at least the largest site's record count.")
+    require(s.max_weight >= 1, "secagg.max_weight", f"{s.max_weight} < 1", "Use at least the largest site's record count.")
     Quantizer(bits=s.bits, clip_range=s.clip_range, max_weight=s.max_weight, num_sites=n).check()
 
 
 def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_records: int) -> None:
     """Checks that need the partitioned data; run before any training starts."""
     f, p = cfg.federation, cfg.privacy
-    _require(f.num_sites <= total_records, "federation.num_sites",
+    require(f.num_sites <= total_records, "federation.num_sites",
              f"{f.num_sites} sites but only {total_records} training records",
              f"Use at most {total_records} sites, or more data.")
     empty = [i for i, n in enumerate(site_sizes) if n == 0]
-    _require(not empty, "federation.num_sites", f"sites {empty} received no records from the partitioner",
+    require(not empty, "federation.num_sites", f"sites {empty} received no records from the partitioner",
              "Use fewer sites, a larger data.dirichlet_alpha, or data.partition=iid.")
     if cfg.secagg.enabled:
-        _require(max(site_sizes) <= cfg.secagg.max_weight, "secagg.max_weight",
+        require(max(site_sizes) <= cfg.secagg.max_weight, "secagg.max_weight",
                  f"a site holds {max(site_sizes)} records, above the masked weight bound {cfg.secagg.max_weight}",
                  f"Set secagg.max_weight to at least {max(site_sizes)}.")
     if p.enabled:
         largest = max(site_sizes)
-        _require(p.delta < 1.0 / largest, "privacy.delta",
+        require(p.delta < 1.0 / largest, "privacy.delta",
                  f"δ={p.delta} is not below 1/records={1.0 / largest:.3g} for a site with {largest} records",
                  f"Use δ < {1.0 / largest:.3g}, e.g. {10 ** math.floor(math.log10(0.1 / largest)):.0e}.")
 

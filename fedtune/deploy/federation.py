@@ -23,6 +23,7 @@ from typing import Optional
 
 from fedtune.config import ConfigError
 from fedtune.deploy import pki
+from fedtune.deploy.site_config import is_site_id
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _check_site_ids(site_ids: list[str]) -> None:
     if not site_ids:
         raise ConfigError("--sites", "no site named", "Name the sites, e.g. --sites hospital-a,hospital-b")
     for site_id in site_ids:
-        if not site_id or not all(c.isalnum() or c in "-_." for c in site_id):
+        if not is_site_id(site_id):
             raise ConfigError("--sites", f"{site_id!r} is not a valid site id",
                               "Use letters, digits, '-', '_' or '.', e.g. hospital-a.")
     if len(set(site_ids)) != len(site_ids):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, FedtuneConfig
+from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, FedtuneConfig, require
 
 SITE_FILE = "site.yaml"
 
@@ -79,47 +79,47 @@ class SiteConfig:
         return path
 
 
-def _require(ok: bool, name: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(name, problem, fix)
+def is_site_id(text: str) -> bool:
+    """A site id is a non-empty run of letters, digits, '-', '_' and '.' (it names files and ledgers)."""
+    return bool(text) and all(c.isalnum() or c in "-_." for c in text)
 
 
 def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
     """Check the whole site file before anything starts; raise ConfigError naming the field."""
-    _require(bool(site.site_id) and all(c.isalnum() or c in "-_." for c in site.site_id), "site_id",
+    require(is_site_id(site.site_id), "site_id",
              f"{site.site_id!r} is empty or has characters other than letters, digits, '-', '_', '.'",
              "Use the name your operator enrolled you under, e.g. hospital-a.")
     host, _, port = site.superlink.rpartition(":")
-    _require(bool(host) and port.isdigit(), "superlink", f"{site.superlink!r} is not host:port",
+    require(bool(host) and port.isdigit(), "superlink", f"{site.superlink!r} is not host:port",
              "Use the SuperLink address your operator gave you, e.g. superlink.example.org:9093.")
     budget = site.budget
-    _require(budget.epsilon > 0 and not math.isnan(budget.epsilon), "budget.epsilon",
+    require(budget.epsilon > 0 and not math.isnan(budget.epsilon), "budget.epsilon",
              f"{budget.epsilon} is not a positive budget", "Use a positive ε such as 1, 4 or 8.")
-    _require(0 < budget.delta < 1, "budget.delta", f"{budget.delta} is not in (0, 1)",
+    require(0 < budget.delta < 1, "budget.delta", f"{budget.delta} is not in (0, 1)",
              "Use a δ below 1/(number of records), e.g. 1e-5.")
-    _require(budget.accountant in ACCOUNTANTS, "budget.accountant", f"unknown accountant {budget.accountant!r}",
+    require(budget.accountant in ACCOUNTANTS, "budget.accountant", f"unknown accountant {budget.accountant!r}",
              f"Use one of {', '.join(ACCOUNTANTS)}.")
-    _require(site.data.format in DATA_FORMATS, "data.format", f"unknown format {site.data.format!r}",
+    require(site.data.format in DATA_FORMATS, "data.format", f"unknown format {site.data.format!r}",
              f"Use one of {', '.join(DATA_FORMATS)}.")
-    _require(site.device == "cpu" or site.device.startswith("cuda"), "device", f"unknown device {site.device!r}",
+    require(site.device == "cpu" or site.device.startswith("cuda"), "device", f"unknown device {site.device!r}",
              "Use cpu or cuda (cuda:N for a given GPU).")
     if site.device.startswith("cuda"):
         import torch
 
-        _require(torch.cuda.is_available(), "device", f"{site.device} asked for but torch sees no CUDA device",
+        require(torch.cuda.is_available(), "device", f"{site.device} asked for but torch sees no CUDA device",
                  "Install a CUDA build of torch and check the GPU, or set device: cpu.")
-    _require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
-    _require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
+    require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
+    require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
              "Use a free local port between 1024 and 65535, e.g. 9100.")
-    _require(0.05 <= site.poll_interval_s <= 60, "poll_interval_s", f"{site.poll_interval_s} s is out of range",
+    require(0.05 <= site.poll_interval_s <= 60, "poll_interval_s", f"{site.poll_interval_s} s is out of range",
              "Use between 0.05 and 60 seconds, e.g. 0.5.")
     if check_files:
         for name, value in (("data.path", site.data.path), ("root_certificates", site.root_certificates),
                             ("auth_private_key", site.auth_private_key)):
-            _require(site.resolve(value).is_file(), name, f"file {site.resolve(value)} does not exist",
+            require(site.resolve(value).is_file(), name, f"file {site.resolve(value)} does not exist",
                      "Fix the path in site.yaml (relative paths are relative to site.yaml).")
         if site.model_path is not None:
-            _require(site.resolve(site.model_path).is_dir(), "model_path",
+            require(site.resolve(site.model_path).is_dir(), "model_path",
                      f"directory {site.resolve(site.model_path)} does not exist",
                      "Point model_path at the local copy of the federation's base model.")
 
