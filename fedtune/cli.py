@@ -21,8 +21,10 @@ USAGE = """usage: fedtune COMMAND [ARGS ...]
 commands:
   simulate          a simulated federation (below)
   experiment        research harness: `fedtune experiment utility|audit --help`
-  init-federation   operator: create the CA, SuperLink certificate and site enrolment kits
+  init-federation   operator: create the CA, SuperLink certificate and site enrolment kits from the
+                    sites' public keys
   server            operator: start the SuperLink and submit the fedtune run
+  client keygen     site: make this site's key pair (send the operator only auth.pub)
   client            site: start this site's SuperNode from its site config
 
 fedtune simulate [OVERRIDE ...] [--multirun]

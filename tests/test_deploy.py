@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -109,6 +110,25 @@ def test_three_sites_tls_auth_dp_secagg_and_a_site_pinned_to_another_version(fed
     # The SuperLink ran with TLS, node authentication and runtime installs off.
     log = (fed.root / "superlink" / "superlink.log").read_text()
     assert "https://127.0.0.1" in log
+    _assert_server_state_is_owner_only(fed)
+
+
+def _assert_server_state_is_owner_only(fed: LocalFederation) -> None:
+    """The SuperLink's database (plain-mode updates), flwr-home, the run and the operator's files: 0600/0700.
+
+    And no site's private key was made by the operator: each enrolled the key its own keygen wrote.
+    """
+    from fedtune.deploy.federation import load_federation
+
+    assert (fed.root / "superlink" / "state.db").is_file()
+    for top in (fed.root / "operator", fed.root / "superlink", fed.run_dir):
+        for path in [top, *top.rglob("*")]:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if path.is_symlink() or path.suffix == ".crt":
+                continue  # certificates may stay readable
+            assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    _, enrolled = load_federation(fed.root)
+    assert enrolled.sites and not any(s.operator_holds_key for s in enrolled.sites)
 
 
 def test_unknown_key_plain_text_and_control_api_from_the_site_side_are_refused(federation, tmp_path: Path) -> None:

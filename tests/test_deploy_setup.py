@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import stat
 import tomllib
 from pathlib import Path
@@ -15,8 +16,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedtune import __version__
 from fedtune.config import ConfigError, from_dict
+from fedtune.deploy import pki
 from fedtune.deploy.executor import AppPin
-from fedtune.deploy.federation import add_sites, init_federation, load_federation, write_demo_data
+from fedtune.deploy.federation import FederationPaths, add_sites, init_federation, load_federation, write_demo_data
 from fedtune.deploy.operator import load_server_config, write_app, write_run_config
 from fedtune.deploy.site_config import apply_site, load_site_config
 
@@ -25,18 +27,40 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _site_key(home: Path) -> bytes:
+    """What a site does first: make its own key pair in its own folder; returns the auth.pub it sends."""
+    _, public, _ = pki.write_site_keypair(home)
+    return public.read_bytes()
+
+
+def _install_kit(paths: FederationPaths, site_id: str, home: Path) -> Path:
+    """What a site does with the kit it receives: put its files beside its own auth.key; returns site.yaml."""
+    for item in paths.kit(site_id).iterdir():
+        shutil.copy(item, home / item.name)
+    return home / "site.yaml"
+
+
 @pytest.fixture
 def fed_dir(tmp_path: Path) -> Path:
-    init_federation(tmp_path / "fed", ["hosp-a", "hosp-b", "hosp-c"], port=19555, tls_hosts=["fl.example.org", "10.0.0.7"])
+    keys = {site: _site_key(tmp_path / "homes" / site) for site in ("hosp-a", "hosp-b", "hosp-c")}
+    init_federation(tmp_path / "fed", keys, port=19555, tls_hosts=["fl.example.org", "10.0.0.7"])
     return tmp_path / "fed"
 
 
-def test_init_federation_writes_ca_superlink_cert_and_site_kits(fed_dir: Path) -> None:
+def test_init_federation_writes_ca_superlink_cert_and_site_kits(fed_dir: Path, tmp_path: Path) -> None:
     paths, fed = load_federation(fed_dir)
     assert [s.site_id for s in fed.sites] == ["hosp-a", "hosp-b", "hosp-c"]
-    # Every private key is owner-only.
-    for key in (paths.ca_key, paths.superlink_key, paths.kit("hosp-a") / "auth.key", paths.kit("hosp-b") / "auth.key"):
+    # Every private key is owner-only, and no kit holds one: a kit is the CA certificate and site.yaml.
+    for key in (paths.ca_key, paths.superlink_key, tmp_path / "homes" / "hosp-a" / "auth.key"):
         assert _mode(key) == 0o600, key
+    for site in fed.sites:
+        assert sorted(p.name for p in paths.kit(site.site_id).iterdir()) == ["ca.crt", "site.yaml"]
+        assert not site.operator_holds_key
+        enrolled = paths.site_public_key(site.site_id).read_bytes()
+        assert enrolled.strip() == (tmp_path / "homes" / site.site_id / "auth.pub").read_bytes().strip()
+        assert site.fingerprint == pki.public_key_fingerprint(enrolled)
+    assert "auth_private_key: auth.key" in (paths.kit("hosp-a") / "site.yaml").read_text()
+    assert "fedtune client keygen" in (paths.kit("hosp-a") / "site.yaml").read_text()
     ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     cert = x509.load_pem_x509_certificate(paths.superlink_cert.read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -46,8 +70,8 @@ def test_init_federation_writes_ca_superlink_cert_and_site_kits(fed_dir: Path) -
     assert set(sans.get_values_for_type(x509.IPAddress)) >= {ipaddress.ip_address("127.0.0.1"),
                                                             ipaddress.ip_address("10.0.0.7")}
     # Site keys in the formats Flower's SuperNode and `flwr supernode register` read.
-    private = load_ssh_private_key((paths.kit("hosp-a") / "auth.key").read_bytes(), None)
-    public = load_ssh_public_key((paths.kit("hosp-a") / "auth.pub").read_bytes())
+    private = load_ssh_private_key((tmp_path / "homes" / "hosp-a" / "auth.key").read_bytes(), None)
+    public = load_ssh_public_key(paths.site_public_key("hosp-a").read_bytes())
     assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(public, ec.EllipticCurvePublicKey)
     assert private.public_key().public_numbers() == public.public_numbers()
     assert (paths.kit("hosp-a") / "ca.crt").read_bytes() == paths.ca_cert.read_bytes()
@@ -57,30 +81,142 @@ def test_init_federation_writes_ca_superlink_cert_and_site_kits(fed_dir: Path) -
 
 
 def test_init_federation_refuses_bad_input_and_never_overwrites(tmp_path: Path, fed_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="--sites"):
-        init_federation(tmp_path / "x", [])
+    key = _site_key(tmp_path / "homes" / "new")
+    with pytest.raises(ConfigError, match="no site named") as err:
+        init_federation(tmp_path / "x", {})
+    assert err.value.field == "--site" and "fedtune client keygen" in str(err.value)
     with pytest.raises(ConfigError, match="not a valid site id"):
-        init_federation(tmp_path / "y", ["hosp a"])
+        init_federation(tmp_path / "y", {"hosp a": key})
     with pytest.raises(ConfigError, match="appears twice"):
-        init_federation(tmp_path / "z", ["a", "a"])
+        init_federation(tmp_path / "z", {"a": key}, demo_sites=["a"])
+    private = (tmp_path / "homes" / "new" / "auth.key").read_bytes()
+    for bad, words in ((private, "PRIVATE key"), (b"ssh-ed25519 AAAA", "OpenSSH public key"),
+                       (b"not a key", "OpenSSH public key")):
+        with pytest.raises(ConfigError, match=words) as err:
+            init_federation(tmp_path / "w", {"a": bad})
+        assert err.value.field == "--site"
+    with pytest.raises(ConfigError, match="same public key"):
+        init_federation(tmp_path / "v", {"a": key, "b": key})
+    assert not (tmp_path / "w").exists() and not (tmp_path / "v").exists()  # nothing written on a refusal
     before = (fed_dir / "operator" / "ca.key").read_bytes()
     with pytest.raises(ConfigError, match="already holds a federation"):
-        init_federation(fed_dir, ["hosp-d"])
+        init_federation(fed_dir, {"hosp-d": key})
     assert (fed_dir / "operator" / "ca.key").read_bytes() == before
     with pytest.raises(ConfigError, match="already enrolled"):
-        add_sites(fed_dir, ["hosp-a"])
-    add_sites(fed_dir, ["hosp-d"])
-    _, fed = load_federation(fed_dir)
+        add_sites(fed_dir, {"hosp-a": key})
+    with pytest.raises(ConfigError, match="same public key"):
+        add_sites(fed_dir, {"hosp-d": (tmp_path / "homes" / "hosp-b" / "auth.pub").read_bytes()})
+    add_sites(fed_dir, {"hosp-d": key})
+    paths, fed = load_federation(fed_dir)
     assert [s.site_id for s in fed.sites] == ["hosp-a", "hosp-b", "hosp-c", "hosp-d"]
+    assert sorted(p.name for p in paths.kit("hosp-d").iterdir()) == ["ca.crt", "site.yaml"]
+    assert "runtime_port: 9103" in (paths.kit("hosp-d") / "site.yaml").read_text()
 
 
-def test_site_yaml_template_loads_and_every_bad_value_names_its_field(fed_dir: Path) -> None:
+def test_demo_keys_are_generated_into_the_kits_with_a_warning(tmp_path: Path, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        init_federation(tmp_path / "fed", demo_sites=["a", "b", "c"])
+    assert "--demo-keys" in caplog.text and "can act as these sites" in caplog.text
+    paths, fed = load_federation(tmp_path / "fed")
+    write_demo_data(paths, fed, demo_records=200)
+    for site in fed.sites:
+        kit = paths.kit(site.site_id)
+        assert site.operator_holds_key and "DEMO KEY" in (kit / "site.yaml").read_text()
+        assert _mode(kit / "auth.key") == 0o600
+        assert pki.public_key_fingerprint((kit / "auth.pub").read_bytes()) == site.fingerprint
+        load_site_config(kit / "site.yaml")  # the kit runs as it is
+    assert len({s.public_key for s in fed.sites}) == 3
+
+
+def test_operator_state_is_owner_only_and_older_state_is_tightened(fed_dir: Path) -> None:
+    from fedtune.deploy.federation import secure_server_state
+    from fedtune.deploy.operator import SuperLink
+
+    paths, fed = load_federation(fed_dir)
+    # State from an older fedtune (or copied in) with looser modes.
+    (paths.run_dir / "adapters").mkdir(parents=True)
+    (paths.run_dir / "adapters" / "old.safetensors").write_bytes(b"x")
+    (paths.superlink_dir / "state.db").write_bytes(b"")
+    for path in (paths.run_dir, paths.run_dir / "adapters", paths.superlink_dir, paths.operator_dir):
+        path.chmod(0o755)
+    for path in (paths.run_dir / "adapters" / "old.safetensors", paths.superlink_dir / "state.db"):
+        path.chmod(0o644)
+    secure_server_state(paths)
+    SuperLink(paths, fed)  # writes flwr-home; starts nothing
+    for top in paths.private_dirs:
+        for path in [top, *top.rglob("*")]:
+            if path.is_dir():
+                assert _mode(path) == 0o700, path
+            elif path.suffix == ".crt":
+                assert _mode(path) == 0o644, path  # certificates may stay readable
+            else:
+                assert _mode(path) == 0o600, path
+    assert (paths.flwr_home / "config.toml").is_file()
+    assert _mode(paths.server_config) == 0o600 and _mode(paths.federation_file) == 0o600
+
+
+def test_flower_processes_create_their_files_owner_only(tmp_path: Path) -> None:
+    """The SuperLink creates its database (plain-mode updates) itself: its umask decides the mode."""
+    import sys
+
+    from fedtune.deploy import processes
+
+    script = ("import os, sqlite3; sqlite3.connect('state.db').execute('create table t (x)'); "
+              "os.makedirs('run/adapters'); open('run/adapters/a.bin', 'w').write('x')")
+    process = processes.start([sys.executable, "-c", script], log_path=tmp_path / "child.log", cwd=tmp_path,
+                              umask=pki.PRIVATE_UMASK)
+    assert process.wait(timeout=60) == 0
+    assert _mode(tmp_path / "state.db") == 0o600 and _mode(tmp_path / "child.log") == 0o600
+    assert _mode(tmp_path / "run") == 0o700 and _mode(tmp_path / "run" / "adapters" / "a.bin") == 0o600
+
+
+def test_keygen_and_init_federation_commands(tmp_path: Path, capsys) -> None:
+    from fedtune.deploy.cli import client_main, init_federation_main
+
+    client_main(["keygen", "--out", str(tmp_path / "hosp-a")])
+    out = capsys.readouterr().out
+    home = tmp_path / "hosp-a"
+    assert _mode(home / "auth.key") == 0o600 and _mode(home) == 0o700
+    assert pki.public_key_fingerprint((home / "auth.pub").read_bytes()) in out and "auth.pub" in out
+    before = (home / "auth.key").read_bytes()
+    with pytest.raises(SystemExit):
+        client_main(["keygen", "--out", str(home)])
+    assert "'--out'" in capsys.readouterr().err and (home / "auth.key").read_bytes() == before
+    (tmp_path / "keys").mkdir()
+    for site in ("hosp-b", "hosp-c"):
+        shutil.copy(pki.write_site_keypair(tmp_path / site)[1], tmp_path / "keys" / f"{site}.pub")
+    # Naming sites without their public keys is refused, with the secure way as the fix.
+    with pytest.raises(SystemExit):
+        init_federation_main([str(tmp_path / "fed"), "--sites", "hosp-a,hosp-b"])
+    err = capsys.readouterr().err
+    assert "'--sites'" in err and "fedtune client keygen" in err and "--demo-keys" in err
+    init_federation_main([str(tmp_path / "fed"), "--site", f"hosp-a={home / 'auth.pub'}",
+                          "--site-keys", str(tmp_path / "keys")])
+    assert "SHA256:" in capsys.readouterr().out
+    init_federation_main([str(tmp_path / "fed"), "--add-sites", "demo-d", "--demo-keys"])
+    paths, fed = load_federation(tmp_path / "fed")
+    assert [(s.site_id, s.operator_holds_key) for s in fed.sites] == [
+        ("hosp-a", False), ("hosp-b", False), ("hosp-c", False), ("demo-d", True)]
+    assert (paths.kit("demo-d") / "auth.key").is_file() and not (paths.kit("hosp-b") / "auth.key").exists()
+    with pytest.raises(SystemExit):
+        init_federation_main([str(tmp_path / "fed"), "--add-sites", "--site", f"x={tmp_path / 'nope.pub'}"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_site_yaml_template_loads_and_every_bad_value_names_its_field(fed_dir: Path, tmp_path: Path) -> None:
     paths, fed = load_federation(fed_dir)
     write_demo_data(paths, fed, demo_records=200)
-    site_yaml = paths.kit("hosp-a") / "site.yaml"
+    home = tmp_path / "homes" / "hosp-a"
+    with pytest.raises(ConfigError) as err:  # the kit alone has no key: the site's own goes beside it
+        load_site_config(paths.kit("hosp-a") / "site.yaml")
+    assert err.value.field == "auth_private_key"
+    site_yaml = _install_kit(paths, "hosp-a", home)
     site = load_site_config(site_yaml)
     assert site.site_id == "hosp-a" and site.superlink == "127.0.0.1:19555"
-    assert site.resolve(site.data.path) == paths.kit("hosp-a") / "data.jsonl"
+    assert site.resolve(site.data.path) == home / "data.jsonl"
+    assert site.resolve(site.auth_private_key) == home / "auth.key"
     for override, field_name in [("budget.epsilon=-1", "budget.epsilon"), ("budget.delta=2", "budget.delta"),
                                  ("superlink=nowhere", "superlink"), ("data.path=missing.jsonl", "data.path"),
                                  ("site_id=a/b", "site_id"), ("runtime_port=80", "runtime_port"),
@@ -101,15 +237,16 @@ def test_site_yaml_template_loads_and_every_bad_value_names_its_field(fed_dir: P
         load_site_config(paths.kit("hosp-a") / "nope.yaml")
 
 
-def test_a_site_trains_on_its_own_data_and_budget_whatever_the_server_sends(fed_dir: Path) -> None:
+def test_a_site_trains_on_its_own_data_and_budget_whatever_the_server_sends(fed_dir: Path, tmp_path: Path) -> None:
     paths, fed = load_federation(fed_dir)
     write_demo_data(paths, fed, demo_records=200)
-    site = load_site_config(paths.kit("hosp-b") / "site.yaml", ["budget.epsilon=2.5", "budget.delta=1e-6"])
+    home = tmp_path / "homes" / "hosp-b"
+    site = load_site_config(_install_kit(paths, "hosp-b", home), ["budget.epsilon=2.5", "budget.delta=1e-6"])
     server_cfg = from_dict({"privacy": {"target_epsilon": 50.0, "delta": 0.1, "enabled": False},
                             "data": {"path": "/server/has/no/such/file.jsonl"}})
     local = apply_site(server_cfg, site)
     assert local.privacy.target_epsilon == 2.5 and local.privacy.delta == 1e-6 and local.privacy.enabled
-    assert local.data.path == str(paths.kit("hosp-b") / "data.jsonl")
+    assert local.data.path == str(home / "data.jsonl")
     assert server_cfg.privacy.target_epsilon == 50.0  # the run's config is not modified
 
 
@@ -139,7 +276,11 @@ def test_run_config_and_app_round_trip_for_flwr_run(fed_dir: Path) -> None:
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["project"]["version"] == __version__
     assert project["tool"]["flwr"]["app"]["publisher"] == "fedtune"
-    assert set(project["tool"]["flwr"]["app"]["config"]) == {"fedtune-config", "fedtune-sites"}
+    keys = {"fedtune-config", "fedtune-sites"}
+    assert set(project["tool"]["flwr"]["app"]["config"]) == keys
+    # The repository's own app declares the same keys (flwr drops run-config keys an app does not declare).
+    repo = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert set(repo["tool"]["flwr"]["app"]["config"]) == keys
     assert (app / "client" / "app.py").is_file() and (app / "server" / "app.py").is_file()
 
 

@@ -5,13 +5,21 @@ Layout (``DIR``)::
     federation.yaml          enrolled sites (id, public key, fingerprint), SuperLink address
     server.yaml              the run's shared settings (a fedtune config; edit before `fedtune server`)
     operator/ca.crt, ca.key  the federation's private CA (ca.key never leaves the operator)
+    operator/site-keys/      the public key each site sent (what `flwr supernode register` enrols)
     superlink/               the SuperLink's TLS certificate and key, its state and log
-    sites/<site-id>/         one enrolment kit per site: auth.key, auth.pub, ca.crt, site.yaml
+    sites/<site-id>/         one enrolment kit per site: ca.crt, site.yaml (no private key)
     run/                     the run's outputs, checkpoint and server ledger (same files as a simulation)
 
-Each kit folder is what the operator hands to one site (over a channel they trust):
-the site's authentication key pair, the CA certificate to verify the SuperLink, and a
-``site.yaml`` template whose budget and data path the site fills in itself.
+A site makes its own authentication key pair (``fedtune client keygen``) and sends the
+operator only the public half, so the operator cannot impersonate it.  Each kit folder is
+what the operator hands back to that site (over a channel they trust): the CA certificate
+to verify the SuperLink and a ``site.yaml`` template whose budget and data path the site
+fills in itself.  ``--demo-keys`` (a one-machine try-out only) has the operator generate
+the sites' keys into their kits instead.
+
+Everything under ``operator/``, ``superlink/`` and ``run/`` is owner-only (files 0600,
+directories 0700; certificates stay readable): the SuperLink's database holds plain-mode
+updates, and the ledgers and run outputs are the operator's alone.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from fedtune.config import ConfigError
 from fedtune.deploy import pki
@@ -40,6 +48,8 @@ class EnrolledSite:
     fingerprint: str
     # The SuperLink's node id for this key, recorded when `fedtune server` first enrols it.
     node_id: Optional[int] = None
+    # True for --demo-keys: the operator generated (and so holds) this site's private key.
+    operator_holds_key: bool = False
 
 
 @dataclass
@@ -84,6 +94,18 @@ class FederationPaths:
         return self.root / "operator" / "ca.key"
 
     @property
+    def operator_dir(self) -> Path:
+        return self.root / "operator"
+
+    def site_public_key(self, site_id: str) -> Path:
+        return self.operator_dir / "site-keys" / f"{site_id}.pub"
+
+    @property
+    def private_dirs(self) -> tuple[Path, ...]:
+        """The operator's private state: owner-only (the SuperLink's database holds plain-mode updates)."""
+        return self.operator_dir, self.superlink_dir, self.run_dir
+
+    @property
     def superlink_dir(self) -> Path:
         return self.root / "superlink"
 
@@ -115,15 +137,23 @@ class FederationPaths:
         return self.superlink_dir / "app"
 
 
-def _site_yaml(site_id: str, address: str, port_offset: int) -> str:
+_OWN_KEY_NOTE = """# auth_private_key: the key this site made itself with `fedtune client keygen` (its auth.pub
+# is what the operator enrolled).  Put this kit's files beside it, or give its path here.
+# Keep it 0600 and never send it to anyone, the operator included."""
+_DEMO_KEY_NOTE = """# DEMO KEY: the operator generated auth.key for this try-out and holds a copy, so it can act
+# as this site.  A real site runs `fedtune client keygen` and sends the operator only auth.pub."""
+
+
+def _site_yaml(site_id: str, address: str, port_offset: int, demo_key: bool = False) -> str:
     return f"""# fedtune site configuration for {site_id}.
 # Everything here is this site's own: the server never sends or overrides it.
 # Relative paths are relative to this file.  Start with:
 #   fedtune client --site-config site.yaml
+{_DEMO_KEY_NOTE if demo_key else _OWN_KEY_NOTE}
 site_id: {site_id}
 superlink: {address}
 root_certificates: ca.crt          # the federation CA: the only certificate this site trusts
-auth_private_key: auth.key         # this site's enrolment key (keep it 0600, never share it)
+auth_private_key: {pki.SITE_PRIVATE_KEY}         # this site's own enrolment key (see above)
 data:
   path: data.jsonl                 # your training data (JSONL: text, or prompt/response)
   format: auto
@@ -171,31 +201,88 @@ def load_federation(root: str | Path) -> tuple[FederationPaths, Federation]:
     paths = FederationPaths(Path(root).expanduser().resolve())
     if not paths.federation_file.is_file():
         raise ConfigError("--federation", f"{paths.root} has no {FEDERATION_FILE}",
-                          "Create the federation first: fedtune init-federation DIR --sites a,b,c")
+                          "Create the federation first: fedtune init-federation DIR --site SITE_ID=path/to/auth.pub ...")
     merged = OmegaConf.merge(OmegaConf.structured(Federation), OmegaConf.load(paths.federation_file))
     return paths, OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def _check_site_ids(site_ids: list[str]) -> None:
-    if not site_ids:
-        raise ConfigError("--sites", "no site named", "Name the sites, e.g. --sites hospital-a,hospital-b")
+KEYGEN_HINT = ("Each site makes its own key pair with `fedtune client keygen --out DIR` and sends you only its "
+               "auth.pub; enrol it with --site SITE_ID=path/to/auth.pub (or --site-keys DIR of <site-id>.pub files).")
+
+
+def _check_site_ids(site_ids: Sequence[str], flag: str) -> None:
     for site_id in site_ids:
         if not is_site_id(site_id):
-            raise ConfigError("--sites", f"{site_id!r} is not a valid site id",
+            raise ConfigError(flag, f"{site_id!r} is not a valid site id",
                               "Use letters, digits, '-', '_' or '.', e.g. hospital-a.")
     if len(set(site_ids)) != len(site_ids):
-        raise ConfigError("--sites", "a site id appears twice", "Give every site its own id.")
+        raise ConfigError(flag, "a site id appears twice", "Give every site its own id.")
 
 
-def init_federation(root: str | Path, site_ids: list[str], host: str = "127.0.0.1",
-                    port: int = DEFAULT_PORT, tls_hosts: Optional[list[str]] = None,
-                    name: str = "fedtune", control_port: Optional[int] = None) -> FederationPaths:
-    """Create the CA, the SuperLink's certificate and one enrolment kit per site."""
-    _check_site_ids(site_ids)
-    paths = FederationPaths(Path(root).expanduser().resolve())
-    if paths.federation_file.exists():
-        raise ConfigError("DIR", f"{paths.root} already holds a federation",
-                          "Use a new directory, or `fedtune init-federation DIR --add-sites ...` to enrol more sites.")
+def read_site_keys(specs: Sequence[str] = (), key_dir: Optional[Path] = None) -> dict[str, bytes]:
+    """The public keys the sites sent: ``--site ID=PATH`` (repeatable) and a folder of ``ID.pub`` files."""
+    sources: list[tuple[str, str, Path]] = []
+    for spec in specs:
+        site_id, sep, path = spec.partition("=")
+        if not sep or not site_id.strip() or not path.strip():
+            raise ConfigError("--site", f"{spec!r} is not SITE_ID=PATH",
+                              "Give each site as --site hosp-a=path/to/auth.pub (the public key it sent you).")
+        sources.append(("--site", site_id.strip(), Path(path.strip()).expanduser()))
+    if key_dir is not None:
+        found = sorted(key_dir.glob("*.pub")) if key_dir.is_dir() else []
+        if not found:
+            raise ConfigError("--site-keys", f"{key_dir} is not a folder holding <site-id>.pub files",
+                              "Save each site's auth.pub there as <site-id>.pub, e.g. hosp-a.pub.")
+        sources += [("--site-keys", path.stem, path) for path in found]
+    keys: dict[str, bytes] = {}
+    for flag, site_id, path in sources:
+        if site_id in keys:
+            raise ConfigError(flag, f"site {site_id!r} is given twice", "Give every site exactly one public key.")
+        if not path.is_file():
+            raise ConfigError(flag, f"{path} (the public key of {site_id}) does not exist",
+                              "Point it at the auth.pub the site sent you.")
+        keys[site_id] = path.read_bytes()
+    return keys
+
+
+def _check_new_sites(paths: FederationPaths, enrolled: Sequence[EnrolledSite], site_keys: Mapping[str, bytes],
+                     demo_sites: Sequence[str]) -> dict[str, bytes]:
+    """Every new site's id and key checked before anything is written; returns the normalised keys."""
+    if not isinstance(site_keys, Mapping):
+        raise TypeError("site_keys maps each site id to the public key it sent; for a demo pass demo_sites=[...]")
+    if not site_keys and not demo_sites:
+        raise ConfigError("--site", "no site named", KEYGEN_HINT + " For a one-machine try-out: --sites a,b,c "
+                          "--demo-keys.")
+    _check_site_ids(list(site_keys), "--site")
+    _check_site_ids(list(demo_sites), "--sites")
+    new_ids = [*site_keys, *demo_sites]
+    _check_site_ids(new_ids, "--site")
+    clash = sorted({s.site_id for s in enrolled} & set(new_ids))
+    if clash:
+        raise ConfigError("--add-sites", f"already enrolled: {', '.join(clash)}", "Choose new site ids.")
+    keys: dict[str, bytes] = {}
+    owners = {s.fingerprint: s.site_id for s in enrolled}
+    for site_id, data in site_keys.items():
+        try:
+            keys[site_id] = pki.check_node_public_key(data)
+        except ValueError as exc:
+            raise ConfigError("--site", f"the key given for {site_id}: {exc}",
+                              "Ask the site for the auth.pub that `fedtune client keygen` wrote.") from None
+        fingerprint = pki.public_key_fingerprint(keys[site_id])
+        if fingerprint in owners:
+            raise ConfigError("--site", f"{site_id} and {owners[fingerprint]} have the same public key ({fingerprint})",
+                              "Every site makes its own key pair with `fedtune client keygen`; ask for its own.")
+        owners[fingerprint] = site_id
+    for site_id in demo_sites:
+        if (paths.kit(site_id) / pki.SITE_PRIVATE_KEY).exists():
+            raise ConfigError("--demo-keys", f"{paths.kit(site_id) / pki.SITE_PRIVATE_KEY} already exists",
+                              "Use a new federation directory; demo keys never overwrite a key.")
+    return keys
+
+
+def _check_addresses(host: str, port: int, control_port: Optional[int],
+                     tls_hosts: Optional[list[str]]) -> tuple[int, list[str]]:
+    """The SuperLink's own port and the certificate's names, or a ConfigError naming the flag."""
     if not 1 <= port <= 65535:
         raise ConfigError("--port", f"{port} is not a TCP port", "Use e.g. 9093.")
     control_port = port + 1 if control_port is None else control_port
@@ -206,48 +293,90 @@ def init_federation(root: str | Path, site_ids: list[str], host: str = "127.0.0.
     if host in WILDCARDS and not tls_hosts:
         raise ConfigError("--tls-host", f"--host {host} listens on every interface but names no address for the sites",
                           "Add --tls-host with the DNS name or IP the sites will dial, e.g. --tls-host fl.example.org.")
-    ca = pki.CertificateAuthority.create(name)
-    pki.write_secret(paths.ca_key, ca.key_pem())
-    pki.write_public(paths.ca_cert, ca.cert_pem())
-    cert, key = ca.issue_server_cert(hosts)
-    pki.write_public(paths.superlink_cert, cert)
-    pki.write_secret(paths.superlink_key, key)
-    pki.write_public(paths.superlink_ca, ca.cert_pem())
-    fed = Federation(name=name, superlink_host=host, superlink_port=port, control_port=control_port,
-                     tls_hosts=hosts)
-    _enrol(paths, fed, ca, site_ids)
+    return control_port, hosts
+
+
+def secure_server_state(paths: FederationPaths) -> None:
+    """Create ``operator/``, ``superlink/`` and ``run/`` owner-only and tighten anything already there.
+
+    They hold the CA key, the SuperLink's database (plain-mode updates), the federation
+    ledger and the run's outputs; a federation made by an older fedtune had them 0755/0644.
+    """
+    for directory in paths.private_dirs:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pki.restrict_tree(directory)
+
+
+def init_federation(root: str | Path, site_keys: Optional[Mapping[str, bytes]] = None, host: str = "127.0.0.1",
+                    port: int = DEFAULT_PORT, tls_hosts: Optional[list[str]] = None, name: str = "fedtune",
+                    control_port: Optional[int] = None, demo_sites: Sequence[str] = ()) -> FederationPaths:
+    """Create the CA, the SuperLink's certificate and one enrolment kit per site.
+
+    ``site_keys`` maps each site id to the OpenSSH public key the site made itself
+    (``fedtune client keygen``).  ``demo_sites`` are sites whose key pairs the operator
+    generates into their kits: for a one-machine try-out only, as the operator then holds
+    their private keys.
+    """
+    paths = FederationPaths(Path(root).expanduser().resolve())
+    if paths.federation_file.exists():
+        raise ConfigError("DIR", f"{paths.root} already holds a federation",
+                          "Use a new directory, or `fedtune init-federation DIR --add-sites --site ID=PUBKEY` "
+                          "to enrol more sites.")
+    keys = _check_new_sites(paths, [], site_keys or {}, demo_sites)
+    control_port, hosts = _check_addresses(host, port, control_port, tls_hosts)
     from fedtune.checkpoint import atomic_write_text
 
-    atomic_write_text(paths.server_config, SERVER_TEMPLATE.format(num_sites=len(site_ids)))
-    log.info("federation %s created in %s with %d site kit(s)", name, paths.root, len(site_ids))
+    with pki.private_umask():
+        secure_server_state(paths)
+        ca = pki.CertificateAuthority.create(name)
+        pki.write_secret(paths.ca_key, ca.key_pem())
+        pki.write_public(paths.ca_cert, ca.cert_pem())
+        cert, key = ca.issue_server_cert(hosts)
+        pki.write_public(paths.superlink_cert, cert)
+        pki.write_secret(paths.superlink_key, key)
+        pki.write_public(paths.superlink_ca, ca.cert_pem())
+        fed = Federation(name=name, superlink_host=host, superlink_port=port, control_port=control_port,
+                         tls_hosts=hosts)
+        _enrol(paths, fed, ca, keys, demo_sites)
+        atomic_write_text(paths.server_config, SERVER_TEMPLATE.format(num_sites=len(fed.sites)))
+    log.info("federation %s created in %s with %d site kit(s)", name, paths.root, len(fed.sites))
     return paths
 
 
-def add_sites(root: str | Path, site_ids: list[str]) -> FederationPaths:
-    """Enrol more sites into an existing federation (new kits, same CA)."""
-    _check_site_ids(site_ids)
+def add_sites(root: str | Path, site_keys: Optional[Mapping[str, bytes]] = None,
+              demo_sites: Sequence[str] = ()) -> FederationPaths:
+    """Enrol more sites into an existing federation (their public keys, new kits, same CA)."""
     paths, fed = load_federation(root)
-    existing = {s.site_id for s in fed.sites}
-    clash = sorted(existing & set(site_ids))
-    if clash:
-        raise ConfigError("--add-sites", f"already enrolled: {', '.join(clash)}", "Choose new site ids.")
-    ca = pki.CertificateAuthority.load(paths.ca_cert, paths.ca_key)
-    _enrol(paths, fed, ca, site_ids)
+    keys = _check_new_sites(paths, fed.sites, site_keys or {}, demo_sites)
+    with pki.private_umask():
+        ca = pki.CertificateAuthority.load(paths.ca_cert, paths.ca_key)
+        _enrol(paths, fed, ca, keys, demo_sites)
     return paths
 
 
-def _enrol(paths: FederationPaths, fed: Federation, ca: pki.CertificateAuthority, site_ids: list[str]) -> None:
+def _enrol(paths: FederationPaths, fed: Federation, ca: pki.CertificateAuthority, site_keys: dict[str, bytes],
+           demo_sites: Sequence[str]) -> None:
+    """Record each site's public key and write its kit; generate the demo sites' key pairs into theirs."""
     from fedtune.checkpoint import atomic_write_text
 
-    for site_id in site_ids:
+    if demo_sites:
+        log.warning("--demo-keys: generating the private keys of %s into their kits (%s): whoever holds this "
+                    "directory can act as these sites. Only for a try-out; real sites run `fedtune client keygen` "
+                    "and send you their auth.pub.", ", ".join(demo_sites), paths.root / "sites")
+    new = [(site_id, public, False) for site_id, public in site_keys.items()]
+    new += [(site_id, pki.write_site_keypair(paths.kit(site_id))[1].read_bytes(), True) for site_id in demo_sites]
+    for site_id, public, demo in new:
         kit = paths.kit(site_id)
-        private, public = pki.node_auth_keypair()
-        pki.write_secret(kit / "auth.key", private)
-        pki.write_public(kit / "auth.pub", public)
+        pki.write_secret(paths.site_public_key(site_id), public)  # owner-only, like all of operator/
         pki.write_public(kit / "ca.crt", ca.cert_pem())
-        atomic_write_text(kit / "site.yaml", _site_yaml(site_id, fed.address, len(fed.sites)))
-        fed.sites.append(EnrolledSite(site_id=site_id, public_key=public.decode().strip(),
-                                      fingerprint=pki.public_key_fingerprint(public)))
+        atomic_write_text(kit / "site.yaml", _site_yaml(site_id, fed.address, len(fed.sites), demo_key=demo))
+        site = EnrolledSite(site_id=site_id, public_key=public.decode().strip(),
+                            fingerprint=pki.public_key_fingerprint(public), operator_holds_key=demo)
+        fed.sites.append(site)
+        if not demo:
+            log.info("enrolled %s (key %s); its kit %s holds no private key: the site keeps the auth.key it made "
+                     "with `fedtune client keygen` beside the kit's site.yaml (or sets auth_private_key to its path)",
+                     site_id, site.fingerprint, kit)
     save_federation(paths, fed)
 
 

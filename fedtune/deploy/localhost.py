@@ -43,7 +43,20 @@ class LocalFederation:
     runtime_ports: dict[str, int] = field(default_factory=dict)
 
     def init(self) -> None:
-        result = subprocess.run(fedtune_command("init-federation", str(self.root), "--sites", ",".join(self.site_ids),
+        """Enrol the sites as a real federation does: each site makes its own key pair, the operator gets auth.pub.
+
+        On one machine a site's own folder and the kit the operator writes for it are the
+        same folder, so the kit's site.yaml finds the site's auth.key beside it.
+        """
+        keygens = [subprocess.Popen(fedtune_command("client", "keygen", "--out", str(self.kit(site_id))),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flower_env())
+                   for site_id in self.site_ids]
+        for site_id, process in zip(self.site_ids, keygens):
+            output, _ = process.communicate(timeout=120)
+            if process.returncode != 0:
+                raise RuntimeError(f"`fedtune client keygen` failed for {site_id}: {output.decode(errors='replace')}")
+        sites = [f"--site={site_id}={self.kit(site_id) / 'auth.pub'}" for site_id in self.site_ids]
+        result = subprocess.run(fedtune_command("init-federation", str(self.root), *sites,
                                                 "--port", str(self.port), "--control-port", str(self.control_port),
                                                 "--demo-data", str(self.demo_records)),
                                 capture_output=True, text=True, env=flower_env(), timeout=120)

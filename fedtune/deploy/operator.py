@@ -7,11 +7,13 @@ logged, and README.md shows them):
    --enable-supernode-auth --disable-runtime-dependency-installation --database …
    --host 127.0.0.1 --port CONTROL_PORT``, and fedtune's Fleet gateway on the address the
    sites dial (see :mod:`fedtune.deploy.gateway` for why)
-2. ``flwr supernode register sites/<id>/auth.pub fedtune`` for every enrolled site
+2. ``flwr supernode register operator/site-keys/<id>.pub fedtune`` for every enrolled site
+   (the public key the site sent; the operator never holds a real site's private key)
 3. ``flwr run <app> fedtune --run-config run_config.toml --stream``
 
 The run's outputs, checkpoint and server-side ledger go to ``DIR/run``; starting the
-server again on the same directory resumes from the last completed round.
+server again on the same directory resumes from the last completed round.  The SuperLink and everything it starts run with umask 077, so its database (which holds
+plain-mode updates), the ledger and the run's outputs are owner-only.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Optional
 
 from fedtune import __version__
 from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate
-from fedtune.deploy import processes
-from fedtune.deploy.federation import Federation, FederationPaths, save_federation
+from fedtune.deploy import pki, processes
+from fedtune.deploy.federation import Federation, FederationPaths, save_federation, secure_server_state
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,9 @@ class SuperLink:
         self.log_path = paths.superlink_dir / "superlink.log"
         self.process: Optional[subprocess.Popen] = None
         self.gateway = None
-        self.env = processes.flower_env({"FLWR_HOME": str(write_flwr_home(paths, fed))})
+        with pki.private_umask():
+            secure_server_state(paths)
+            self.env = processes.flower_env({"FLWR_HOME": str(write_flwr_home(paths, fed))})
 
     def command(self) -> list[str]:
         p = self.paths
@@ -164,7 +168,10 @@ class SuperLink:
         """The SuperLink on 127.0.0.1 only, then the Fleet gateway on the address sites dial."""
         from fedtune.deploy.gateway import FleetGateway
 
-        self.process = processes.start(self.command(), log_path=self.log_path, env=self.env)
+        # umask 077: the database (plain-mode updates), and everything the SuperLink's ServerApp writes
+        # (run outputs, the federation ledger), is owner-only.
+        self.process = processes.start(self.command(), log_path=self.log_path, env=self.env,
+                                       umask=pki.PRIVATE_UMASK)
         processes.wait_for_port("127.0.0.1", self.fed.control_port, timeout_s, self.process,
                                 "flower-superlink", self.log_path)
         log.info("SuperLink up on 127.0.0.1:%d, reachable from this machine only (pid %d, log %s)",
@@ -180,11 +187,17 @@ class SuperLink:
             raise
 
     def register_sites(self) -> dict[str, int]:
-        """Enrol every site's public key; a key registered before (a restart) is fine."""
+        """Enrol every site's public key; a key registered before (a restart) is fine.
+
+        The key file is written from ``federation.yaml`` (the operator's record of what
+        each site sent) when missing, e.g. for a federation made by an older fedtune.
+        """
         for site in self.fed.sites:
-            result = processes.run([processes.tool("flwr"), "supernode", "register",
-                                    str(self.paths.kit(site.site_id) / "auth.pub"), CONNECTION, "--format", "json",
-                                    "--name", site.site_id], env=self.env)
+            key_file = self.paths.site_public_key(site.site_id)
+            if not key_file.is_file():
+                pki.write_secret(key_file, site.public_key.encode() + b"\n")
+            result = processes.run([processes.tool("flwr"), "supernode", "register", str(key_file), CONNECTION,
+                                    "--format", "json", "--name", site.site_id], env=self.env)
             try:
                 reply = json.loads(result.stdout)
             except json.JSONDecodeError:
@@ -201,7 +214,8 @@ class SuperLink:
 
     def submit(self, cfg: FedtuneConfig, stream: bool = True) -> subprocess.Popen:
         """``flwr run`` the fedtune app with ``cfg``; returns the (streaming) flwr process."""
-        app = write_app(self.paths)
+        with pki.private_umask():
+            app = write_app(self.paths)
         known = {s.node_id: s.site_id for s in self.fed.sites if s.node_id is not None}
         if len(known) < len(self.fed.sites):
             log.warning("node ids of %d enrolled site(s) are unknown (enrolled outside fedtune?); the server will "
@@ -211,7 +225,7 @@ class SuperLink:
         command = [processes.tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
         if stream:
             command.append("--stream")
-        return processes.start(command, env=self.env, new_session=False)
+        return processes.start(command, env=self.env, new_session=False, umask=pki.PRIVATE_UMASK)
 
     def stop(self) -> None:
         if self.gateway is not None:
@@ -222,7 +236,20 @@ class SuperLink:
 
 
 def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_running: bool = False) -> int:
-    """Start the SuperLink, enrol the sites, run fedtune to completion; returns an exit code."""
+    """Start the SuperLink, enrol the sites, run fedtune to completion; returns an exit code.
+
+    Runs under umask 077 so that everything the operator's process writes is owner-only.
+    """
+    held = [s.site_id for s in fed.sites if s.operator_holds_key]
+    if held:
+        log.warning("the keys of %s were generated with --demo-keys: this directory holds their private keys, so "
+                    "whoever holds it can act as them. Fine for a try-out, never for real sites.", ", ".join(held))
+    with pki.private_umask():
+        secure_server_state(paths)
+        return _serve(paths, fed, cfg, keep_running)
+
+
+def _serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_running: bool) -> int:
     from fedtune.simulation import write_resolved_config
 
     paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,18 +12,26 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # P-384 for the CA and TLS keys; Flower's node auth accepts NIST EC curves only.
 _CURVE = ec.SECP384R1
+_NODE_AUTH_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 CERT_DAYS = 825
+# Files 0600 and directories 0700 for whatever is created under it (umask 077).
+PRIVATE_UMASK = 0o077
+# The names ``fedtune client keygen`` writes, and site.yaml's default ``auth_private_key``.
+SITE_PRIVATE_KEY = "auth.key"
+SITE_PUBLIC_KEY = "auth.pub"
 
 
 def write_secret(path: Path, data: bytes) -> None:
@@ -40,11 +48,44 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes) -> None:
+    """Write a certificate or public key, world-readable (0644), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Create everything inside owner-only: files 0600, directories 0700.
+
+    The server's state (the SuperLink's database of plain-mode updates, the run's outputs,
+    the federation ledger) is written by several libraries that create files with the
+    process umask, so the umask is the one place that covers them all.  Restored on exit.
+    """
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def restrict_tree(root: Path) -> None:
+    """Make an existing tree owner-only: directories 0700, files 0600, certificates left readable.
+
+    For state created before fedtune wrote it owner-only (or copied in with a looser mode).
+    """
+    if not root.is_dir():
+        return
+    root.chmod(0o700)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            Path(directory, name).chmod(0o700)
+        for name in files:
+            path = Path(directory, name)
+            if not name.endswith(".crt") and not path.is_symlink():
+                path.chmod(0o600)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -134,6 +175,43 @@ def node_auth_keypair() -> tuple[bytes, bytes]:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
+
+
+def write_site_keypair(directory: Path) -> tuple[Path, Path, str]:
+    """A site's own authentication key pair: ``auth.key`` (0600) and ``auth.pub`` in ``directory``.
+
+    Made by the site, so that nobody else (the operator included) ever holds the key the
+    SuperLink authenticates it by.  Never overwrites a key: the key *is* the site's
+    enrolled identity.  Returns ``(private_path, public_path, fingerprint)``.
+    """
+    private_path, public_path = directory / SITE_PRIVATE_KEY, directory / SITE_PUBLIC_KEY
+    if private_path.exists():
+        raise FileExistsError(private_path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private, public = node_auth_keypair()
+    write_secret(private_path, private)
+    write_public(public_path, public)
+    return private_path, public_path, public_key_fingerprint(public)
+
+
+def check_node_public_key(data: bytes) -> bytes:
+    """The one-line OpenSSH EC public key in ``data``, or ValueError saying what is wrong.
+
+    What a site sends the operator is checked before it is enrolled: a private key sent by
+    mistake must be refused (and noticed), and Flower's node authentication reads NIST EC
+    keys only.
+    """
+    if b"PRIVATE KEY" in data:
+        raise ValueError("this is a PRIVATE key: the site must keep it and send only its auth.pub "
+                         "(and should now make a new pair, since this one has left the site)")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, _NODE_AUTH_CURVES):
+        raise ValueError("not an ECDSA key on a NIST curve (P-256/384/521), the only keys Flower's node "
+                         "authentication accepts")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
 
 
 def public_key_fingerprint(public_openssh: bytes) -> str:

@@ -59,23 +59,26 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def start(command: Sequence[str], log_path: Optional[Path] = None, env: Optional[dict[str, str]] = None,
-          cwd: Optional[Path] = None, new_session: bool = False) -> subprocess.Popen:
+          cwd: Optional[Path] = None, new_session: bool = False, umask: int = -1) -> subprocess.Popen:
     """Start ``command`` (logged first), output appended to ``log_path`` or inherited.
 
     By default the child stays in our process group and is signalled if we die: a
     SIGKILLed ``fedtune client`` must not leave an orphan SuperNode holding its port (and,
-    for a server, a SuperLink still accepting sites).
+    for a server, a SuperLink still accepting sites).  ``umask`` (e.g. 0o077) is the
+    child's: what it and its own children create (the SuperLink's database, the
+    ServerApp's outputs) gets that mode whatever this process's umask is; -1 inherits ours.
     """
     log.info("starting: %s", shlex.join(command))
     out: Optional[IO[bytes]] = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666 if umask < 0 else 0o666 & ~umask)
+        out = os.fdopen(descriptor, "ab")  # noqa: SIM115 - the child keeps it open
     try:
         return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT if out else None,
                                 env=env or flower_env(), cwd=cwd, start_new_session=new_session,
                                 preexec_fn=None if new_session or not sys.platform.startswith("linux")
-                                else _die_with_parent)
+                                else _die_with_parent, umask=umask)
     finally:
         if out is not None:
             out.close()
