@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 RUN_CONFIG_KEY = "fedtune-config"
 # Deployment only: JSON {node_id: site_id} of the enrolled keys, written by `fedtune server`.
 SITES_KEY = "fedtune-sites"
+# Deployment only: the federation's server ledger, shared by every run (simulation: in the run dir).
+LEDGER_KEY = "fedtune-ledger"
 
 
 def config_from_context(context: Context, fallback: Optional[FedtuneConfig]) -> FedtuneConfig:
@@ -70,9 +72,11 @@ def make_server_app(cfg: Optional[FedtuneConfig] = None,
         fed = config.federation
         raw_sites = str(context.run_config.get(SITES_KEY, "") or "")
         enrolled = {int(node): str(site) for node, site in json.loads(raw_sites).items()} if raw_sites else None
+        raw_ledger = str(context.run_config.get(LEDGER_KEY, "") or "")
         summary = run_server(grid, config, run_dir_of(config),
                              wait_timeout_s=wait_timeout_s or fed.wait_for_sites_s,
-                             round_timeout_s=fed.round_timeout_s, enrolled=enrolled)
+                             round_timeout_s=fed.round_timeout_s, enrolled=enrolled,
+                             ledger_path=Path(raw_ledger) if raw_ledger else None)
         if on_done is not None:
             on_done(summary)
 

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from fedtune.checkpoint import atomic_write_text
 
@@ -32,22 +32,37 @@ def json_number(value: float) -> float | str:
     return value if math.isfinite(value) else "inf"
 
 
+def _run_name(run: Optional[str]) -> str:
+    return f"`{run}`" if run else "unnamed (charged before runs were recorded)"
+
+
+def runs_covered(report: dict[str, Any]) -> str:
+    """The sentence saying which runs the ε figures cover: a federation's ledger outlives one run."""
+    runs = report.get("runs", [])
+    this = report.get("run")
+    if not runs or runs == [this]:
+        return f"They cover this run ({_run_name(this)}) only."
+    names = ", ".join(_run_name(r) + (" (this run)" if r == this else "") for r in runs)
+    return f"They cover {len(runs)} runs of this federation, oldest first: {names}."
+
+
 def write_privacy_report(run_dir: Path, report: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "privacy_report.json", json.dumps(report, indent=2))
     lines = [
         "# Privacy report",
         "",
         f"Record-level (ε, δ)-DP per site, δ = {report['delta']:g}, accountant: {report['accountant']}. "
-        "Each site's ε covers everything it released over all rounds, computed by the server from the "
-        "parameters it dictated.",
+        "Each site's ε covers everything it released over all rounds of every run in the server's ledger, "
+        f"computed by the server from the parameters it dictated. {runs_covered(report)}",
         "",
-        "| site | ε spent | ε budget | rounds | steps | σ | q |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| site | ε spent | ε budget | rounds | steps | runs | σ (this run) | q (this run) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for site, s in sorted(report["sites"].items()):
         eps = s["epsilon"]
         lines.append(f"| {site} | {eps if isinstance(eps, str) else f'{eps:.3f}'} | {s['budget_epsilon']:g} | "
-                     f"{s['rounds']} | {s['steps']} | {s['noise_multiplier']} | {s['sample_rate']} |")
+                     f"{s['rounds']} | {s['steps']} | {len(s.get('runs', []))} | {s['noise_multiplier']} | "
+                     f"{s['sample_rate']} |")
     atomic_write_text(run_dir / "privacy_report.md", "\n".join(lines) + "\n")
 
 

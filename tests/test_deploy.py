@@ -107,6 +107,10 @@ def test_three_sites_tls_auth_dp_secagg_and_a_site_pinned_to_another_version(fed
     assert set(report) == {"hosp-a", "hosp-b", "hosp-c"}
     for site in ("hosp-a", "hosp-b", "hosp-c"):
         assert report[site]["epsilon"] == pytest.approx(_site_ledger(fed, site).epsilon(site, 1e-5), rel=1e-9)
+    # The server's ledger is the federation's (every run of it counts), not the run's.
+    federation_ledger = PrivacyLedger(fed.root / "operator" / "server_ledger.sqlite")
+    assert len(federation_ledger.history("hosp-a")) == 2 and not (run / "server_ledger.sqlite").exists()
+    assert federation_ledger.runs("hosp-a") == [json.loads((run / "privacy_report.json").read_text())["run"]]
     # The SuperLink ran with TLS, node authentication and runtime installs off.
     log = (fed.root / "superlink" / "superlink.log").read_text()
     assert "https://127.0.0.1" in log

@@ -272,11 +272,13 @@ def test_run_config_and_app_round_trip_for_flwr_run(fed_dir: Path) -> None:
     run_config = tomllib.loads(write_run_config(paths, cfg, {12345678901234567890: "hosp-a"}).read_text())
     assert from_dict(json.loads(run_config["fedtune-config"])) == cfg
     assert json.loads(run_config["fedtune-sites"]) == {"12345678901234567890": "hosp-a"}
+    # The server's ledger is the federation's, beside the enrolment records, in every run.
+    assert run_config["fedtune-ledger"] == str(paths.operator_dir / "server_ledger.sqlite")
     app = write_app(paths)
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["project"]["version"] == __version__
     assert project["tool"]["flwr"]["app"]["publisher"] == "fedtune"
-    keys = {"fedtune-config", "fedtune-sites"}
+    keys = {"fedtune-config", "fedtune-sites", "fedtune-ledger"}
     assert set(project["tool"]["flwr"]["app"]["config"]) == keys
     # The repository's own app declares the same keys (flwr drops run-config keys an app does not declare).
     repo = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

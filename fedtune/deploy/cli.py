@@ -89,6 +89,7 @@ def init_federation_main(argv: list[str]) -> None:
     print(f"  Sites connect to:  {fed.address} (TLS, certificate for {', '.join(fed.tls_hosts)}; Fleet API only)")
     print(f"  SuperLink:         127.0.0.1:{fed.control_port} (this machine only)")
     print(f"  Run settings:      {paths.server_config}")
+    print(f"  Privacy ledger:    {paths.server_ledger} (the server's, shared by every run of this federation)")
     for site in fed.sites:
         held = "  DEMO KEY (you hold its private key)" if site.operator_holds_key else ""
         print(f"  Site kit {site.site_id:<16} {paths.kit(site.site_id)}  key {site.fingerprint}{held}")
@@ -130,8 +131,9 @@ def server_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="fedtune server",
         description="Start the SuperLink (TLS, node authentication, no runtime installs), enrol the sites' "
-                    "keys and run fedtune with `flwr run`. Outputs, checkpoint and server ledger go to DIR/run; "
-                    "running it again resumes from the last completed round.")
+                    "keys and run fedtune with `flwr run`. Outputs and checkpoint go to DIR/run (running it again "
+                    "resumes from the last completed round); the server's privacy ledger is "
+                    "DIR/operator/server_ledger.sqlite, so every run of the federation counts toward a site's budget.")
     parser.add_argument("--federation", type=Path, required=True, help="directory from `fedtune init-federation`")
     parser.add_argument("--config", type=Path, default=None, help="run settings (default DIR/server.yaml)")
     parser.add_argument("--keep-running", action="store_true", help="keep the SuperLink up after the run")

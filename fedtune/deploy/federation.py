@@ -6,9 +6,10 @@ Layout (``DIR``)::
     server.yaml              the run's shared settings (a fedtune config; edit before `fedtune server`)
     operator/ca.crt, ca.key  the federation's private CA (ca.key never leaves the operator)
     operator/site-keys/      the public key each site sent (what `flwr supernode register` enrols)
+    operator/server_ledger.sqlite   the server's privacy ledger, shared by every run of the federation
     superlink/               the SuperLink's TLS certificate and key, its state and log
     sites/<site-id>/         one enrolment kit per site: ca.crt, site.yaml (no private key)
-    run/                     the run's outputs, checkpoint and server ledger (same files as a simulation)
+    run/                     the run's outputs and checkpoint (same files as a simulation)
 
 A site makes its own authentication key pair (``fedtune client keygen``) and sends the
 operator only the public half, so the operator cannot impersonate it.  Each kit folder is
@@ -99,6 +100,11 @@ class FederationPaths:
 
     def site_public_key(self, site_id: str) -> Path:
         return self.operator_dir / "site-keys" / f"{site_id}.pub"
+
+    @property
+    def server_ledger(self) -> Path:
+        """The server's privacy ledger: one per federation, so a new run remembers every earlier run's charges."""
+        return self.operator_dir / "server_ledger.sqlite"
 
     @property
     def private_dirs(self) -> tuple[Path, ...]:

@@ -11,8 +11,11 @@ logged, and README.md shows them):
    (the public key the site sent; the operator never holds a real site's private key)
 3. ``flwr run <app> fedtune --run-config run_config.toml --stream``
 
-The run's outputs, checkpoint and server-side ledger go to ``DIR/run``; starting the
-server again on the same directory resumes from the last completed round.  The SuperLink and everything it starts run with umask 077, so its database (which holds
+The run's outputs and checkpoint go to ``DIR/run``; starting the server again on the same
+directory resumes from the last completed round.  The server's privacy ledger is the
+federation's (``DIR/operator/server_ledger.sqlite``), not the run's: a new run (``DIR/run``
+moved away) still counts every charge of the earlier runs toward each site's budget.
+The SuperLink and everything it starts run with umask 077, so its database (which holds
 plain-mode updates), the ledger and the run's outputs are owner-only.
 """
 
@@ -123,12 +126,17 @@ clientapp = "client.app:app"
 [tool.flwr.app.config]
 fedtune-config = ""
 fedtune-sites = ""
+fedtune-ledger = ""
 """)
     return app
 
 
 def write_run_config(paths: FederationPaths, cfg: FedtuneConfig, enrolled: Optional[dict[int, str]] = None) -> Path:
-    """The run config for ``flwr run``: the shared settings and which node id is which site."""
+    """The run config for ``flwr run``: the shared settings, which node id is which site, and the ledger.
+
+    The ledger is the federation's, beside the enrolment records, so that every run of the
+    federation charges (and checks budgets against) one history per site.
+    """
     from fedtune.checkpoint import atomic_write_text
 
     def literal(payload: str) -> str:
@@ -138,6 +146,7 @@ def write_run_config(paths: FederationPaths, cfg: FedtuneConfig, enrolled: Optio
     lines = [f"fedtune-config = {literal(json.dumps(to_dict(cfg), sort_keys=True))}"]
     if enrolled:
         lines.append(f"fedtune-sites = {literal(json.dumps({str(k): v for k, v in enrolled.items()}))}")
+    lines.append(f"fedtune-ledger = {json.dumps(str(paths.server_ledger))}")  # a JSON string is a TOML basic string
     target = paths.superlink_dir / "run_config.toml"
     atomic_write_text(target, "\n".join(lines) + "\n")
     return target

@@ -204,11 +204,21 @@ def _charge_of(rc: protocol.RoundConfig) -> Charge:
 
 
 def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list[SiteInfo]) -> dict[str, Any]:
-    report: dict[str, Any] = {"accountant": cfg.privacy.accountant, "delta": cfg.privacy.delta, "sites": {}}
+    """Each site's ε over its whole history in ``ledger``: every run that charged it, not only this one.
+
+    ``runs`` lists those runs oldest first (``null``: charges from before runs were named);
+    ``run`` is this one.
+    """
+    site_runs = {s.name: ledger.runs(s.name) for s in sites}
+    covered = {run for runs in site_runs.values() for run in runs}
+    report: dict[str, Any] = {"accountant": cfg.privacy.accountant, "delta": cfg.privacy.delta, "run": ledger.run,
+                              "runs": [r for r in ledger.runs() if r in covered], "ledger": str(ledger.path),
+                              "sites": {}}
     for site in sites:
         history = ledger.history(site.name)
         eps = ledger.epsilon(site.name, site.delta) if cfg.privacy.enabled else (math.inf if history else 0.0)
         report["sites"][site.name] = {
+            "runs": site_runs[site.name],
             "epsilon": reporting.json_number(eps),
             "budget_epsilon": site.budget_epsilon,
             "delta": site.delta,
@@ -221,6 +231,24 @@ def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list[SiteIn
 
 
 PENDING_ROW = "pending_round.json"
+RUN_ID_FILE = "run_id"
+
+
+def run_id_of(run_dir: Path) -> str:
+    """This run's name in the server ledger: made once per run directory, kept when the run resumes.
+
+    A federation's ledger outlives its runs and round numbers start at 1 in each, so a
+    charge names its run; a resumed run (same directory, same checkpoint) is the same run.
+    """
+    path = run_dir / RUN_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    import secrets
+    from datetime import datetime, timezone
+
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def _complete_row(row: dict[str, Any], result: Any, eval_seconds: float, round_seconds: float) -> dict[str, Any]:
@@ -285,8 +313,12 @@ def save_adapter(model: Any, state: dict[str, np.ndarray], directory: Path) -> N
 
 def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: float = 120.0,
                round_timeout_s: Optional[float] = None, show_progress: bool = True,
-               enrolled: Optional[dict[int, str]] = None) -> ServerSummary:
-    """Run the federation to completion and write every output into ``run_dir``."""
+               enrolled: Optional[dict[int, str]] = None, ledger_path: Optional[Path] = None) -> ServerSummary:
+    """Run the federation to completion and write every output into ``run_dir``.
+
+    ``ledger_path`` is the server's privacy ledger (default: in ``run_dir``).  A deployment
+    passes the federation's own, so that every run's charges count toward a site's budget.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     model, tokenizer = build_lora_model(cfg.model)
@@ -305,7 +337,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     data = load_federated_data(cfg.data, fed.num_sites)
     eval_examples = encode_all(data.eval_records(), tokenizer, cfg.data.max_length)
     pad_id = tokenizer.pad_token_id
-    ledger = PrivacyLedger(run_dir / "server_ledger.sqlite", accountant=cfg.privacy.accountant)
+    ledger = PrivacyLedger(ledger_path or run_dir / "server_ledger.sqlite", accountant=cfg.privacy.accountant,
+                           run=run_id_of(run_dir))
 
     node_ids = wait_for_nodes(grid, fed.num_sites, wait_timeout_s)
     sites = discover_sites(grid, node_ids, timeout_s=wait_timeout_s, enrolled=enrolled)
@@ -439,6 +472,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         "initial_eval_loss": baseline.loss,
         "final_eval_loss": rows[-1]["eval_loss"] if rows else baseline.loss,
         "sites": [s.name for s in sites],
+        "run_id": ledger.run,
     }, indent=2))
     reporting.write_plots(run_dir, rows)
     log.info("%s after %d rounds; outputs in %s", stop_reason, rounds_completed, run_dir)

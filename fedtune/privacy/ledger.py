@@ -14,6 +14,7 @@ import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from fedtune.privacy.accounting import BudgetDecision, Charge, check_budget, epsilon
 
@@ -34,16 +35,32 @@ CREATE INDEX IF NOT EXISTS charges_site ON charges(site);
 """
 
 
-class PrivacyLedger:
-    """A SQLite file of charges, keyed by site pseudonym."""
+def _add_run_column(conn: sqlite3.Connection) -> None:
+    """Migrate a ledger file from before charges named their run (the column is then NULL for old rows)."""
+    if "run" not in {row[1] for row in conn.execute("PRAGMA table_info(charges)")}:
+        try:
+            conn.execute("ALTER TABLE charges ADD COLUMN run TEXT")
+        except sqlite3.OperationalError as exc:  # another process migrated it first
+            if "duplicate column" not in str(exc):
+                raise
 
-    def __init__(self, path: str | Path, accountant: str = "rdp") -> None:
+
+class PrivacyLedger:
+    """A SQLite file of charges, keyed by site pseudonym.
+
+    ``run`` names the run each new charge belongs to: a server's ledger can outlive one run
+    (a deployment keeps one per federation), and round numbers repeat across runs.
+    """
+
+    def __init__(self, path: str | Path, accountant: str = "rdp", run: Optional[str] = None) -> None:
         self.path = Path(path)
         self.accountant = accountant
+        self.run = run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            _add_run_column(conn)
             conn.commit()
 
     def _connect(self) -> sqlite3.Connection:
@@ -55,10 +72,10 @@ class PrivacyLedger:
         """Record ``charge`` durably; returns only once it is on disk."""
         with closing(self._connect()) as conn, conn:
             conn.execute(
-                "INSERT INTO charges (site, round, noise_multiplier, sample_rate, steps, accountant, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO charges (site, round, noise_multiplier, sample_rate, steps, accountant, recorded_at, run)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (site, charge.round, charge.noise_multiplier, charge.sample_rate, charge.steps,
-                 self.accountant, datetime.now(timezone.utc).isoformat()),
+                 self.accountant, datetime.now(timezone.utc).isoformat(), self.run),
             )
         log.debug("ledger %s: charged site %s for round %d", self.path.name, site, charge.round)
 
@@ -73,6 +90,13 @@ class PrivacyLedger:
     def sites(self) -> list[str]:
         with closing(self._connect()) as conn:
             return [r[0] for r in conn.execute("SELECT DISTINCT site FROM charges ORDER BY site")]
+
+    def runs(self, site: Optional[str] = None) -> list[Optional[str]]:
+        """The runs that charged ``site`` (``None``: any site), oldest first; ``None`` for unnamed charges."""
+        where, args = (" WHERE site = ?", (site,)) if site is not None else ("", ())
+        with closing(self._connect()) as conn:
+            rows = conn.execute(f"SELECT run FROM charges{where} GROUP BY run ORDER BY MIN(id)", args).fetchall()
+        return [r[0] for r in rows]
 
     def epsilon(self, site: str, delta: float) -> float:
         return epsilon(self.history(site), delta, self.accountant)
