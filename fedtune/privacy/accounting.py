@@ -20,14 +20,51 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.accountant import IAccountant
 
 
+# Above this σ a step's RDP is below 1e-3 at every order and the update is pure noise;
+# Opacus' RDP series also slows down as σ grows (2 s per step at σ = 1e4) and never ends
+# for σ = ∞, so a larger value is refused rather than accounted.
+MAX_NOISE_MULTIPLIER = 100.0
+
+
+class InvalidCharge(ValueError):
+    """A charge that cannot be accounted (negative or zero steps, non-finite σ or q, ...).
+
+    Raised at construction, so no code path (a round config, a ledger row, a history
+    passed to :func:`epsilon`) can carry one: RDP is linear in steps, and one negative
+    step count would have given a site its budget back.
+    """
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Charge:
-    """One round of local DP-SGD: ``steps`` Poisson-sampled steps at rate q and noise σ."""
+    """One round of local DP-SGD: ``steps`` Poisson-sampled steps at rate q and noise σ.
+
+    σ = 0 is a valid charge (a non-private round) and makes ε infinite.
+    """
 
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.round) and self.round >= 0):
+            raise InvalidCharge(f"round {self.round!r} is not an integer >= 0")
+        if not (_is_int(self.steps) and self.steps >= 1):
+            raise InvalidCharge(f"steps {self.steps!r} is not an integer >= 1")
+        if not (_is_real(self.noise_multiplier) and 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER):
+            raise InvalidCharge(f"noise multiplier {self.noise_multiplier!r} is not a finite number in "
+                                f"[0, {MAX_NOISE_MULTIPLIER:g}]")
+        if not (_is_real(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise InvalidCharge(f"sample rate {self.sample_rate!r} is not in (0, 1]")
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -42,6 +79,8 @@ def epsilon(history: Sequence[Charge], delta: float, accountant: str = "rdp") ->
     """ε after every charge in ``history`` at the given δ (0 for an empty history)."""
     if not history:
         return 0.0
+    if not all(isinstance(c, Charge) for c in history):
+        raise InvalidCharge("a history holds only Charge objects (validated when built)")
     if any(c.noise_multiplier == 0 for c in history):
         return math.inf
     if accountant == "rdp":

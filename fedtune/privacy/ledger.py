@@ -69,7 +69,13 @@ class PrivacyLedger:
         return conn
 
     def charge(self, site: str, charge: Charge) -> None:
-        """Record ``charge`` durably; returns only once it is on disk."""
+        """Record ``charge`` durably; returns only once it is on disk.
+
+        Only a :class:`Charge` is accepted: it validated itself when built, so no
+        negative, zero-step or non-finite row can be written.
+        """
+        if not isinstance(charge, Charge):
+            raise TypeError(f"a ledger records Charge objects, not {type(charge).__name__}")
         with closing(self._connect()) as conn, conn:
             conn.execute(
                 "INSERT INTO charges (site, round, noise_multiplier, sample_rate, steps, accountant, recorded_at, run)"
@@ -79,12 +85,18 @@ class PrivacyLedger:
             )
         log.debug("ledger %s: charged site %s for round %d", self.path.name, site, charge.round)
 
-    def history(self, site: str) -> list[Charge]:
+    def history(self, site: Optional[str]) -> list[Charge]:
+        """The charges of ``site`` in the order they were made; ``None``: every row of the file.
+
+        A row that is not a valid charge (the file was edited or corrupted) raises
+        InvalidCharge rather than being skipped: skipping it would under-count.
+        """
+        query = "SELECT round, noise_multiplier, sample_rate, steps FROM charges"
         with closing(self._connect()) as conn:
-            rows = conn.execute(
-                "SELECT round, noise_multiplier, sample_rate, steps FROM charges WHERE site = ? ORDER BY id",
-                (site,),
-            ).fetchall()
+            if site is None:
+                rows = conn.execute(f"{query} ORDER BY id").fetchall()
+            else:
+                rows = conn.execute(f"{query} WHERE site = ? ORDER BY id", (site,)).fetchall()
         return [Charge(round=r[0], noise_multiplier=r[1], sample_rate=r[2], steps=r[3]) for r in rows]
 
     def sites(self) -> list[str]:
@@ -98,8 +110,8 @@ class PrivacyLedger:
             rows = conn.execute(f"SELECT run FROM charges{where} GROUP BY run ORDER BY MIN(id)", args).fetchall()
         return [r[0] for r in rows]
 
-    def epsilon(self, site: str, delta: float) -> float:
+    def epsilon(self, site: Optional[str], delta: float) -> float:
         return epsilon(self.history(site), delta, self.accountant)
 
-    def check(self, site: str, proposed: Charge, budget: float, delta: float) -> BudgetDecision:
+    def check(self, site: Optional[str], proposed: Charge, budget: float, delta: float) -> BudgetDecision:
         return check_budget(self.history(site), proposed, budget, delta, self.accountant)
