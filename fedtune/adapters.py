@@ -32,7 +32,18 @@ def lora_state(model: PeftModel, names: list[str]) -> State:
 
 
 def load_lora_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
+    """Copy adapter tensors into the model; only LoRA and head tensors can be written.
+
+    A name of a frozen base weight (an embedding row, ``lm_head``) is refused even if the
+    caller forgot to check the key set: a crafted adapter must never reach the base model.
+    """
+    from fedtune.models import lora_parameter_names
+
     params = dict(model.named_parameters())
+    writable = set(lora_parameter_names(model))
+    foreign = sorted(set(state) - writable)
+    if foreign:
+        raise ValueError(f"adapter names {len(foreign)} tensors that are not LoRA or head tensors of this model")
     with torch.no_grad():
         for name, value in state.items():
             target = params[name]
@@ -123,7 +134,32 @@ class UpdateSpec:
 
 
 def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> State:
-    """Check names, shapes, dtype, size and finiteness *before* decoding into the sum."""
+    """Check names, shapes, dtype, size, weight and finiteness *before* decoding into the sum."""
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise UpdateRejected(f"weight {weight} is not a positive finite number")
+    return checked_state(record, spec)
+
+
+def validate_global_adapter(record: object, spec: UpdateSpec, max_abs: float) -> State:
+    """A site's check of the server's global adapter: exactly its own model's tensors, bounded.
+
+    The server may craft the adapter: an extra key could overwrite a frozen weight, and a
+    NaN or a huge entry could make training fail depending on the data, which would answer
+    the server with an un-noised bit about the records.  So the key set, shapes, dtype,
+    finiteness and size are those of the site's own LoRA model, and every entry is at most
+    ``max_abs`` in magnitude.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise UpdateRejected(f"global adapter is a {type(record).__name__}, not an ArrayRecord")
+    state = checked_state(record, spec)
+    for name, value in state.items():
+        if float(np.max(np.abs(value), initial=0.0)) > max_abs:
+            raise UpdateRejected(f"tensor {name} has an entry larger than {max_abs:g} in magnitude")
+    return state
+
+
+def checked_state(record: ArrayRecord, spec: UpdateSpec) -> State:
+    """The tensors of a packed record if names, shapes, dtype, size and finiteness match ``spec``."""
     try:
         total_bytes = sum(len(record[n].data) for n in record.keys())
         if total_bytes > spec.max_bytes:
@@ -140,8 +176,6 @@ def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> Sta
             raise UpdateRejected(f"tensor {name} has shape {shape}, expected {spec.shapes[name]}")
     if record[PACKED].dtype != "float32":
         raise UpdateRejected(f"update has dtype {record[PACKED].dtype}, expected float32")
-    if not (math.isfinite(weight) and weight > 0):
-        raise UpdateRejected(f"weight {weight} is not a positive finite number")
     try:
         state = _unpack(record, entries)
     except ValueError as exc:

@@ -7,12 +7,14 @@ only route messages to :mod:`fedtune.federation`; there is no second code path.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -83,57 +85,93 @@ def make_server_app(cfg: Optional[FedtuneConfig] = None,
     return app
 
 
+def guarded(handler: Callable[[Message, Context], Message], refusal_as_error: bool = False
+            ) -> Callable[[Message, Context], Message]:
+    """A ClientApp handler whose failures reach the server as fixed codes only.
+
+    The exception (which may quote a record, a label, a path or the site's size) is logged
+    on the site, with its traceback; the server gets ``protocol.FAILED_TRAINING`` or the
+    refusal's code.  ``refusal_as_error``: answer a refusal with an Error message (for
+    messages whose good reply has no status record, such as ``describe``).
+    """
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except protocol.Refusal as refused:
+            if not refusal_as_error:
+                return site.refusal(msg, refused)
+            logging.getLogger(__name__).warning("refusing a %s message: %s", msg.metadata.message_type,
+                                                refused.detail)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=refused.code), reply_to=msg)
+        except Exception:  # noqa: BLE001 - the detail stays here; the server learns a fixed code
+            logging.getLogger(__name__).exception("the ClientApp failed on a %s message", msg.metadata.message_type)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=protocol.FAILED_TRAINING),
+                           reply_to=msg)
+
+    return run
+
+
 def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["SiteConfig"] = None) -> ClientApp:
     """The site's ClientApp.
 
     In simulation a site is a partition of the pooled data and takes its budget from the
     shared config.  A deployed site (``deployed`` given, see ``fedtune client``) trains on
-    its own data with its own budget and ledger from ``site.yaml``; only the shared
-    training settings come from the server's run config.
+    its own data with its own budget, policy and ledger from ``site.yaml``; it takes only
+    a declared list of shared settings from the server's run config
+    (:mod:`fedtune.deploy.run_config`), never a path, a seed or an interpolation.
     """
     app = ClientApp()
     records_cache: dict[tuple, list] = {}
 
     def settings_and_config(context: Context) -> tuple[site.SiteSettings, FedtuneConfig]:
-        config = config_from_context(context, cfg)
         if deployed is None:
+            config = config_from_context(context, cfg)
             return site.site_settings(context, config, run_dir_of(config)), config
-        from fedtune.deploy.site_config import apply_site
+        from fedtune.deploy.run_config import site_run_config
+        from fedtune.deploy.site_data import site_num_labels
 
-        config = apply_site(config, deployed)
+        config = site_run_config(str(context.run_config.get(RUN_CONFIG_KEY, "") or ""), deployed)
         budget = deployed.budget
         settings = site.SiteSettings(name=deployed.site_id, ledger_path=deployed.resolve(deployed.ledger_path),
                                      budget_epsilon=budget.epsilon, delta=budget.delta,
                                      accountant=budget.accountant, require_privacy=budget.require_privacy,
-                                     device=deployed.device)
+                                     device=deployed.device, policy=deployed.policy, accept_seed=False,
+                                     num_labels=site_num_labels(deployed))
         return settings, config
 
     def records_of(context: Context, config: FedtuneConfig) -> list:
         if deployed is None:
             return site.site_records(context, config)
-        from fedtune.data import load_records
+        from fedtune.deploy.site_data import load_site_records
 
         # A deployed site holds all of its own file; the process is warm, so read it once.
-        path = Path(str(config.data.path))
-        key = (str(path), path.stat().st_mtime_ns, config.data.format, config.data.group_field)
+        path = deployed.resolve(deployed.data.path)
+        key = (str(path), path.stat().st_mtime_ns)
         if key not in records_cache:
             records_cache.clear()
-            records_cache[key] = load_records(config.data)
+            records_cache[key] = load_site_records(deployed)
         return records_cache[key]
 
     @app.query()
+    @guarded_describe
     def describe(msg: Message, context: Context) -> Message:
         settings, _ = settings_and_config(context)
         return site.describe(msg, settings)
 
     @app.train()
+    @guarded
     def train(msg: Message, context: Context) -> Message:
         settings, config = settings_and_config(context)
         logging.getLogger("fedtune").setLevel(config.log_level)
         if protocol.SECAGG in msg.content.config_records:
-            stage = str(msg.content[protocol.SECAGG]["stage"])
+            stage = msg.content.config_records[protocol.SECAGG].get("stage")
             records = records_of(context, config) if stage == protocol.STAGE_MASK else []
             return secure_client.handle(msg, context, settings, config, records)
         return site.train(msg, settings, config, records_of(context, config))
 
     return app
+
+
+def guarded_describe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    return guarded(handler, refusal_as_error=True)

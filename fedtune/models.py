@@ -8,7 +8,10 @@ config under a fixed seed (deterministic on CPU), so no weights are ever downloa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -169,9 +172,59 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0, task_
 
 
 def build_lora_model(cfg: ModelConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    built = build_fingerprinted_model(cfg)
+    return built.model, built.tokenizer
+
+
+@dataclass
+class FingerprintedModel:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    # base_fingerprint of the frozen weights and tokenizer, taken before LoRA was attached.
+    fingerprint: str
+
+
+def build_fingerprinted_model(cfg: ModelConfig) -> FingerprintedModel:
     model, tokenizer = load_base_model(cfg)
+    fingerprint = base_fingerprint(model, tokenizer)
     task_type = "SEQ_CLS" if is_classifier(cfg) else "CAUSAL_LM"
-    return attach_lora(model, cfg.lora, seed=cfg.seed, task_type=task_type), tokenizer
+    return FingerprintedModel(attach_lora(model, cfg.lora, seed=cfg.seed, task_type=task_type), tokenizer, fingerprint)
+
+
+def base_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 over every frozen tensor (name, dtype, shape, bytes, in name order) and the vocabulary.
+
+    Only adapter deltas travel, so a site whose base weights differ from the server's
+    (another checkpoint, a corrupted or tampered copy, another tokenizer) would train an
+    adapter that means something else.  Hashing the loaded state rather than the files
+    makes the tiny built-in model, a safetensors directory and a GGUF file comparable.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(json.dumps([name, str(data.dtype), list(data.shape)]).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest.update(json.dumps([type(tokenizer).__name__, vocab, tokenizer.all_special_tokens]).encode())
+    return digest.hexdigest()
+
+
+_SITE_MODELS: dict[str, FingerprintedModel] = {}
+
+
+def site_model(cfg: ModelConfig) -> FingerprintedModel:
+    """The site's LoRA model for ``cfg``, built once per process and reused round after round.
+
+    Safe to reuse because a site loads the *whole* global adapter (every LoRA and head
+    tensor, checked by exact key set) into it before each round, which overwrites whatever
+    the previous round trained; the frozen base weights never change.  One entry: a site
+    trains one model at a time, and a real base model is hundreds of MB.
+    """
+    key = repr(cfg)
+    if key not in _SITE_MODELS:
+        _SITE_MODELS.clear()
+        _SITE_MODELS[key] = build_fingerprinted_model(cfg)
+    return _SITE_MODELS[key]
 
 
 def lora_parameter_names(model: PeftModel, only_b: bool = False) -> list[str]:

@@ -32,8 +32,9 @@ def test_labelled_jsonl(tmp_path: Path) -> None:
     assert [(r.response, r.label, r.group) for r in records] == [("great film", 1, "1"), ("dull", 0, "a"),
                                                                  ("fine", 1, "1")]
     path.write_text('{"text": "great film", "label": "superb"}\n')
-    with pytest.raises(DataError, match="label 'superb'"):
+    with pytest.raises(DataError, match="neither a class index") as err:
         load_jsonl(path, fmt="labelled", label_names=["neg", "pos"])
+    assert "superb" not in str(err.value)  # an error never quotes a record's content
     path.write_text('{"text": "no label"}\n')
     with pytest.raises(DataError, match='missing "label"'):
         load_jsonl(path, fmt="labelled")

@@ -11,17 +11,17 @@ from fedtune.config import FedtuneConfig
 from fedtune.federation import client as site
 from fedtune.federation import protocol
 from fedtune.federation.server import round_config
-from fedtune.models import build_lora_model, lora_parameter_names
+from fedtune.models import build_fingerprinted_model, lora_parameter_names
 from fedtune.privacy.accounting import epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 
 
 def _train_message(cfg: FedtuneConfig, round_number: int = 1) -> Message:
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
-    model, _ = build_lora_model(cfg.model)
-    state = adapters.lora_state(model, lora_parameter_names(model))
+    built = build_fingerprinted_model(cfg.model)
+    state = adapters.lora_state(built.model, lora_parameter_names(built.model))
     content = RecordDict({protocol.GLOBAL_ADAPTER: adapters.to_array_record(state),
-                          protocol.ROUND_CONFIG: round_config(cfg, round_number).to_record()})
+                          protocol.ROUND_CONFIG: round_config(cfg, round_number, built.fingerprint).to_record()})
     return Message(content, dst_node_id=7, message_type=protocol.TRAIN)
 
 
@@ -66,7 +66,7 @@ def test_private_site_keeps_its_train_loss_unless_it_opts_in(tiny_cfg: FedtuneCo
 
 
 def test_site_refuses_a_round_past_its_budget(tiny_cfg: FedtuneConfig) -> None:
-    rc = round_config(tiny_cfg, 1)
+    rc = round_config(tiny_cfg, 1, "0" * 64)
     from fedtune.privacy.accounting import Charge
 
     one_round = epsilon([Charge(1, rc.noise_multiplier, rc.sample_rate, rc.local_steps)], tiny_cfg.privacy.delta)
@@ -77,7 +77,7 @@ def test_site_refuses_a_round_past_its_budget(tiny_cfg: FedtuneConfig) -> None:
     second = site.train(_train_message(tiny_cfg, 2), settings, tiny_cfg, _records(tiny_cfg))
     status = second.content[protocol.STATUS]
     assert status["status"] == protocol.STATUS_REFUSED
-    assert "past the budget" in str(status["reason"])
+    assert status["reason"] == protocol.REFUSED_BUDGET
     assert protocol.UPDATE not in second.content.array_records
     # The refusal itself costs nothing, and a fresh process (restart) sees the same ledger.
     assert len(PrivacyLedger(settings.ledger_path).history(settings.name)) == 1
@@ -100,4 +100,4 @@ def test_private_site_refuses_a_non_private_round(tiny_cfg: FedtuneConfig) -> No
     server_cfg.privacy.enabled = False
     reply = site.train(_train_message(server_cfg), _site(tiny_cfg), tiny_cfg, _records(tiny_cfg))
     assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_REFUSED
-    assert "requires DP" in str(reply.content[protocol.STATUS]["reason"])
+    assert reply.content[protocol.STATUS]["reason"] == protocol.REFUSED_POLICY

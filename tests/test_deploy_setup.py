@@ -15,12 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedtune import __version__
-from fedtune.config import ConfigError, from_dict
+from fedtune.config import ConfigError, from_dict, to_dict
 from fedtune.deploy import pki
 from fedtune.deploy.executor import AppPin
 from fedtune.deploy.federation import FederationPaths, add_sites, init_federation, load_federation, write_demo_data
 from fedtune.deploy.operator import load_server_config, write_app, write_run_config
-from fedtune.deploy.site_config import apply_site, load_site_config
+from fedtune.deploy.run_config import site_run_config
+from fedtune.deploy.site_config import load_site_config
 
 
 def _mode(path: Path) -> int:
@@ -244,7 +245,7 @@ def test_a_site_trains_on_its_own_data_and_budget_whatever_the_server_sends(fed_
     site = load_site_config(_install_kit(paths, "hosp-b", home), ["budget.epsilon=2.5", "budget.delta=1e-6"])
     server_cfg = from_dict({"privacy": {"target_epsilon": 50.0, "delta": 0.1, "enabled": False},
                             "data": {"path": "/server/has/no/such/file.jsonl"}})
-    local = apply_site(server_cfg, site)
+    local = site_run_config(json.dumps(to_dict(server_cfg)), site)
     assert local.privacy.target_epsilon == 2.5 and local.privacy.delta == 1e-6 and local.privacy.enabled
     assert local.data.path == str(home / "data.jsonl")
     assert server_cfg.privacy.target_epsilon == 50.0  # the run's config is not modified

@@ -22,7 +22,7 @@ from conftest import InProcessGrid
 
 
 def _rounds_epsilon(cfg: FedtuneConfig, rounds: int = 1) -> float:
-    rc = round_config(cfg, 1)
+    rc = round_config(cfg, 1, "0" * 64)
     charges = [Charge(r, rc.noise_multiplier, rc.sample_rate, rc.local_steps) for r in range(rounds)]
     return epsilon(charges, cfg.privacy.delta)
 

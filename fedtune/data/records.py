@@ -43,8 +43,9 @@ def _label_from_json(obj: dict, label_field: str, label_names: Optional[Sequence
         return names.index(raw)
     if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
         return int(raw)
-    raise DataError(f'{where}: label {raw!r} is neither a class index nor one of data.label_names '
-                    f'({names}). Use integers 0..num_labels-1, or list the names in data.label_names.')
+    # The label's value is not quoted: an error must never carry a record's content.
+    raise DataError(f'{where}: the "{label_field}" value is neither a class index nor one of data.label_names. '
+                    'Use integers 0..num_labels-1, or list the names in data.label_names.')
 
 
 def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: str,
@@ -83,15 +84,20 @@ def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] =
     """Read every record of a JSONL file; raise DataError on the first malformed line."""
     path = Path(path)
     records: list[Record] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 (byte {exc.start + 1} of the line). Save the file as "
+                                "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from exc
+                raise DataError(f"{where}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from None
             records.append(_record_from_json(obj, fmt, group_field, where, label_field, label_names))
     if not records:
         raise DataError(f"{path}: no records. Give a JSONL file with one JSON object per line.")

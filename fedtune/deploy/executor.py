@@ -57,6 +57,8 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedtune.federation.protocol import FAILED_TRAINING
+
 log = logging.getLogger(__name__)
 
 _ACQUIRE_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
@@ -260,13 +262,14 @@ class SiteExecutor:
                 try:
                     reply = self.app(message=message, context=context)
                     status, details, outcome.status = SubStatus.COMPLETED, "", "completed"
-                except Exception as exc:  # noqa: BLE001 - reported to the server as an Error reply
+                except Exception:  # noqa: BLE001 - reported to the server as a fixed-code Error reply
+                    # The exception's text may quote a record, a label, a path or the site's
+                    # size: it stays in this log; the server gets a constant.
                     log.exception("the fedtune ClientApp raised while handling a %s message",
                                   message.metadata.message_type)
-                    reason = f"{type(exc).__name__}: {exc}"
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FAILED_TRAINING),
                                     reply_to=message)
-                    details = reason
+                    details = FAILED_TRAINING
             replied = time.perf_counter()
             outcome.app_seconds = replied - pulled
             push_message(client, reply, context)

@@ -1,11 +1,11 @@
 """A site's own configuration file (``site.yaml``) for ``fedtune client``.
 
 Everything here belongs to the site and is never sent or overridden by the server:
-where its data and ledger live, its privacy budget, which SuperLink it trusts (by CA
-certificate) and which fedtune app it is willing to run.  The federation-wide training
-settings (model shape, LoRA rank, sequence length, DP-SGD parameters of a round) come
-from the server's run; the site's budget check is what stops a server from asking for
-too much.
+where its data and ledger live, its privacy budget and policy, which SuperLink it trusts
+(by CA certificate) and which fedtune app it is willing to run.  Only a declared list of
+shared settings (model shape, LoRA shape, sequence length: fedtune.deploy.run_config)
+comes from the server's run, and each round's DP-SGD parameters must pass the site's
+policy and budget.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, FedtuneConfig, require
+from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, require
+from fedtune.privacy.policy import SitePolicy, validate_policy
 
 SITE_FILE = "site.yaml"
 
@@ -25,6 +26,13 @@ class SiteData:
     path: str = "data.jsonl"
     format: str = "auto"
     group_field: Optional[str] = "source"
+    # Labelled records (classification): the label field, and the site's own classes, as
+    # names (their positions are the class indices) or as a count of integer labels.  The
+    # site checks its labels against these when it starts, so that no round's answer can
+    # depend on one record's label.
+    label_field: str = "label"
+    label_names: Optional[list[str]] = None
+    num_labels: Optional[int] = None
 
 
 @dataclass
@@ -56,8 +64,9 @@ class SiteConfig:
     data: SiteData = field(default_factory=SiteData)
     budget: SiteBudget = field(default_factory=SiteBudget)
     ledger_path: str = "ledger.sqlite"
-    # Local directory of the base model when the federation uses one (model.path on the
-    # server names the model; each site holds its own copy).  null: use the server's path.
+    # Local directory of this site's copy of the federation's base model; null: the built-in
+    # tiny model.  The server's model.path is never used here: each round carries the base
+    # model's fingerprint, and a site whose own copy hashes differently refuses.
     model_path: Optional[str] = None
     device: str = "cpu"
     torch_threads: int = 1
@@ -68,6 +77,8 @@ class SiteConfig:
     poll_interval_s: float = 0.5
     state_dir: str = "state"
     app: SiteApp = field(default_factory=SiteApp)
+    # What rounds this site accepts, whatever the server asks (fedtune.privacy.policy).
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     # Set by load_site_config: relative paths above are resolved against it.
     base_dir: Optional[str] = None
@@ -79,15 +90,25 @@ class SiteConfig:
         return path
 
 
+SITE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
 def is_site_id(text: str) -> bool:
-    """A site id is a non-empty run of letters, digits, '-', '_' and '.' (it names files and ledgers)."""
-    return bool(text) and all(c.isalnum() or c in "-_." for c in text)
+    """ASCII letters, digits, '-', '_' and '.', at most 64, not only dots.
+
+    A site id names a kit directory, a ledger and a report entry: '..' would write a kit
+    into the federation root, and a Unicode homoglyph ('hosp-а' with a Cyrillic а) would
+    pass for another site in an operator's eyes.
+    """
+    return (isinstance(text, str) and 0 < len(text) <= 64 and all(c in SITE_ID_CHARS for c in text)
+            and set(text) != {"."})
 
 
 def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
     """Check the whole site file before anything starts; raise ConfigError naming the field."""
     require(is_site_id(site.site_id), "site_id",
-             f"{site.site_id!r} is empty or has characters other than letters, digits, '-', '_', '.'",
+             f"{site.site_id!r} is empty, too long, only dots, or has characters other than ASCII letters, "
+             "digits, '-', '_', '.'",
              "Use the name your operator enrolled you under, e.g. hospital-a.")
     host, _, port = site.superlink.rpartition(":")
     require(bool(host) and port.isdigit(), "superlink", f"{site.superlink!r} is not host:port",
@@ -113,6 +134,10 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
              "Use a free local port between 1024 and 65535, e.g. 9100.")
     require(0.05 <= site.poll_interval_s <= 60, "poll_interval_s", f"{site.poll_interval_s} s is out of range",
              "Use between 0.05 and 60 seconds, e.g. 0.5.")
+    validate_policy(site.policy)
+    if site.data.num_labels is not None:
+        require(site.data.num_labels >= 2, "data.num_labels", f"{site.data.num_labels} < 2",
+                "Give the number of classes of your labelled data, e.g. 2.")
     if check_files:
         for name, value in (("data.path", site.data.path), ("root_certificates", site.root_certificates),
                             ("auth_private_key", site.auth_private_key)):
@@ -144,22 +169,3 @@ def load_site_config(path: str | Path, overrides: Optional[list[str]] = None, ch
     site.base_dir = str(path.parent)
     validate_site_config(site, check_files=check_files)
     return site
-
-
-def apply_site(cfg: FedtuneConfig, site: SiteConfig) -> FedtuneConfig:
-    """The config a deployed site trains with: the run's shared settings, the site's own data,
-    budget, model copy and threads.  ``cfg`` is the server's run config and is not modified."""
-    import copy
-
-    local = copy.deepcopy(cfg)
-    local.data.path = str(site.resolve(site.data.path))
-    local.data.format = site.data.format
-    local.data.group_field = site.data.group_field
-    local.privacy.target_epsilon = site.budget.epsilon
-    local.privacy.delta = site.budget.delta
-    local.privacy.accountant = site.budget.accountant
-    local.privacy.enabled = site.budget.require_privacy
-    if site.model_path is not None:
-        local.model.path = str(site.resolve(site.model_path))
-    local.train.torch_threads = site.torch_threads
-    return local

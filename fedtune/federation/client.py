@@ -1,8 +1,10 @@
-"""The site's half of a round: budget check, charge, local DP training, update.
+"""The site's half of a round: validation, budget check, charge, local DP training, update.
 
-Order matters and is the privacy argument: the ledger check and the durable charge
-happen *before* training, so no update can leave a site without its cost being on
-disk first, whatever crashes afterwards.
+Order matters and is the privacy argument.  First every field the server sent is checked
+against the protocol and the site's own policy, model and data (a failure is a refusal
+with a fixed code, and costs nothing); then the ledger check and the durable charge
+happen *before* training, so no update can leave a site without its cost being on disk
+first, whatever crashes afterwards.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,10 +26,11 @@ from fedtune.config import FedtuneConfig
 from fedtune.data import Record, load_federated_data
 from fedtune.data.encoding import encode_all
 from fedtune.federation import protocol
-from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
+from fedtune.models import FingerprintedModel, is_classifier, lora_parameter_names, set_trainable, site_model
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,13 @@ class SiteSettings:
     # Whether the plain update carries the site's un-noised mean train loss (see
     # PrivacyConfig.release_train_loss); a deployed private site never sends it.
     release_train_loss: bool = False
+    # What rounds the site accepts; a simulated site takes SitePolicy.permissive.
+    policy: SitePolicy = field(default_factory=lambda: SitePolicy.permissive(secure_aggregation=False))
+    # Whether train.seed may seed sampling and noise (research simulations only).  A
+    # deployed site never takes randomness from the server: its run config is refused.
+    accept_seed: bool = True
+    # The site's own class count for labelled data (a deployed site declares it in site.yaml).
+    num_labels: Optional[int] = None
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
@@ -62,6 +72,7 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
         accountant=cfg.privacy.accountant,
         require_privacy=cfg.privacy.enabled,
         release_train_loss=cfg.privacy.release_train_loss,
+        policy=SitePolicy.permissive(secure_aggregation=cfg.secagg.enabled),
     )
 
 
@@ -80,23 +91,30 @@ def describe(msg: Message, site: SiteSettings) -> Message:
     return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
 
 
-def refusal(msg: Message, reason: str, spent: float) -> Message:
-    log.info("refusing round: %s", reason)
-    status = ConfigRecord({"status": protocol.STATUS_REFUSED, "reason": reason, "epsilon_spent": float(spent)})
+def refusal(msg: Message, refused: protocol.Refusal) -> Message:
+    """The reply to a refused round: a fixed code only; the detail stays in this site's log."""
+    log.warning("refusing round: %s", refused.detail)
+    status = ConfigRecord({"status": protocol.STATUS_REFUSED, "reason": refused.code})
     return Message(RecordDict({protocol.STATUS: status}), reply_to=msg)
 
 
-def budget_refusal(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLedger) -> Optional[str]:
-    """Why this site must refuse the round, or None if it can afford it."""
+def read_round_config(msg: Message) -> protocol.RoundConfig:
+    return protocol.RoundConfig.from_record(msg.content.config_records.get(protocol.ROUND_CONFIG))
+
+
+def check_budget(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLedger) -> None:
+    """Raise Refusal if this round would take the site past its budget.
+
+    The check covers every row of the site's ledger file, whatever site name it was
+    charged under: renaming a site must not give it a fresh budget.
+    """
     if not site.require_privacy:
-        return None
-    if not rc.private or rc.noise_multiplier <= 0:
-        return f"{site.name} requires DP but round {rc.round} asks for a non-private update"
-    decision = ledger.check(site.name, charge_of(rc), site.budget_epsilon, site.delta)
-    if decision.allowed:
-        return None
-    return (f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
-            f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})")
+        return
+    decision = ledger.check(None, charge_of(rc), site.budget_epsilon, site.delta)
+    if not decision.allowed:
+        raise protocol.Refusal(protocol.REFUSED_BUDGET, (
+            f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
+            f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})"))
 
 
 def charge_of(rc: protocol.RoundConfig) -> Charge:
@@ -104,23 +122,94 @@ def charge_of(rc: protocol.RoundConfig) -> Charge:
                   sample_rate=rc.sample_rate, steps=rc.local_steps)
 
 
-def local_update(rc: protocol.RoundConfig, global_state: dict, site: SiteSettings, cfg: FedtuneConfig,
-                 records: list[Record], ledger: PrivacyLedger) -> tuple[dict, float, dict]:
+@dataclass
+class PreparedRound:
+    """A round that passed every check of the site; only the charge and training remain."""
+
+    rc: protocol.RoundConfig
+    built: FingerprintedModel
+    global_state: adapters.State
+    ledger: PrivacyLedger
+
+
+def check_round_message(msg: Message, site: SiteSettings, cfg: FedtuneConfig, secure: bool
+                        ) -> tuple[protocol.RoundConfig, PrivacyLedger]:
+    """Everything checkable before the adapter arrives: config, policy, seed, budget."""
+    rc = read_round_config(msg)
+    check_round(rc, site.policy, site.require_privacy, secure)
+    if cfg.train.seed is not None and not site.accept_seed:
+        raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "the run sets train.seed; this site draws its noise "
+                               "and sampling from OS entropy only")
+    ledger = PrivacyLedger(site.ledger_path, accountant=site.accountant)
+    check_budget(rc, site, ledger)
+    return rc, ledger
+
+
+def prepare_round(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record], secure: bool,
+                  max_weight: Optional[int] = None) -> PreparedRound:
+    """Validate the whole train message against the site's policy, model, data and budget.
+
+    Raises Refusal; nothing is charged and nothing is trained before this returns.
+    """
+    rc, ledger = check_round_message(msg, site, cfg, secure)
+    built = site_model(cfg.model)
+    check_base_model(rc, built.fingerprint, site.policy)
+    names = lora_parameter_names(built.model)
+    shapes = {n: tuple(p.shape) for n, p in built.model.named_parameters() if n in set(names)}
+    # The exact float32 size of this site's own adapter, plus its layout: nothing larger is read.
+    size = 4 * sum(int(math.prod(shape)) for shape in shapes.values()) + adapters.MAX_LAYOUT_BYTES
+    spec = adapters.UpdateSpec(shapes, size)
+    try:
+        global_state = adapters.validate_global_adapter(msg.content.array_records.get(protocol.GLOBAL_ADAPTER),
+                                                        spec, site.policy.max_adapter_value)
+    except Exception as exc:  # noqa: BLE001 - any malformed adapter is the same refusal
+        raise protocol.Refusal(protocol.REFUSED_INVALID_MESSAGE, f"global adapter: {str(exc)[:200]}") from None
+    check_site_data(records, cfg, site, max_weight)
+    return PreparedRound(rc, built, global_state, ledger)
+
+
+def check_site_data(records: list[Record], cfg: FedtuneConfig, site: SiteSettings, max_weight: Optional[int]) -> None:
+    """Checks that involve the site's records, run before any charge.
+
+    A deployed site has already checked δ and its labels against its own site.yaml when
+    it started (fedtune.deploy.site_data); what is left compares the run's settings with
+    the site's own: a refusal then depends on the site's configuration and record count,
+    never on one record's content.
+    """
+    if not records:
+        raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "this site has no training records")
+    if site.require_privacy and site.delta >= 1.0 / len(records):
+        raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, f"δ={site.delta:g} is not below 1/records")
+    if max_weight is not None and len(records) > max_weight:
+        raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "the site's record count exceeds secagg.max_weight")
+    if is_classifier(cfg.model):
+        own = site.num_labels
+        if own is not None and own != cfg.model.num_labels:
+            raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, f"the run has {cfg.model.num_labels} classes, this "
+                                   f"site's data {own}")
+        if own is None and any(r.label is None or not 0 <= r.label < cfg.model.num_labels for r in records):
+            raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "a record's label is outside model.num_labels")
+
+
+def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig,
+                 records: list[Record]) -> tuple[dict, float, dict]:
     """Charge durably, then train; returns (Δ over the aggregated tensors, weight n, metrics)."""
     started = time.perf_counter()
+    rc, ledger = prepared.rc, prepared.ledger
     # Charge first, durably: from here on the update may leave this site.
     ledger.charge(site.name, charge_of(rc))
-    epsilon_now = ledger.epsilon(site.name, site.delta)
+    epsilon_now = ledger.epsilon(None, site.delta)
 
     torch.set_num_threads(cfg.train.torch_threads)
-    model, tokenizer = build_lora_model(cfg.model)
-    adapters.load_lora_state(model, global_state)
+    model, tokenizer = prepared.built.model, prepared.built.tokenizer
+    # The whole adapter is loaded (exact key set), so nothing of the last round survives.
+    adapters.load_lora_state(model, prepared.global_state)
     trained = lora_parameter_names(model, only_b=(rc.strategy == "ffa"))
     set_trainable(model, trained)
     # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
     model.to(site.device)
     examples = encode_all(records, tokenizer, cfg.data.max_length)
-    seed = cfg.train.seed
+    seed = cfg.train.seed if site.accept_seed else None
     sample_seed = secrets.randbits(63) if seed is None else stable_seed(seed, site.name, rc.round, "sampling")
     noise_seed = None if seed is None else stable_seed(seed, site.name, rc.round, "noise")
     params = DPSGDParams(
@@ -130,7 +219,7 @@ def local_update(rc: protocol.RoundConfig, global_state: dict, site: SiteSetting
     result = train_locally(model, examples, params, tokenizer.pad_token_id, seed=sample_seed, noise_seed=noise_seed)
 
     local_state = adapters.lora_state(model, trained)
-    delta = adapters.subtract(local_state, {n: global_state[n] for n in trained})
+    delta = adapters.subtract(local_state, {n: prepared.global_state[n] for n in trained})
     delta_norm = adapters.l2_norm(delta)
     if not math.isfinite(delta_norm):
         raise RuntimeError(f"{site.name}: local training produced a non-finite adapter delta")
@@ -150,13 +239,11 @@ def local_update(rc: protocol.RoundConfig, global_state: dict, site: SiteSetting
 
 def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record]) -> Message:
     """Handle one plain ``train`` message: refuse, or charge, train and return n·Δ and n."""
-    rc = protocol.RoundConfig.from_record(msg.content[protocol.ROUND_CONFIG])  # type: ignore[arg-type]
-    ledger = PrivacyLedger(site.ledger_path, accountant=site.accountant)
-    reason = budget_refusal(rc, site, ledger)
-    if reason is not None:
-        return refusal(msg, reason, ledger.epsilon(site.name, site.delta))
-    global_state = adapters.from_array_record(msg.content[protocol.GLOBAL_ADAPTER])  # type: ignore[arg-type]
-    delta, weight, metrics = local_update(rc, global_state, site, cfg, records, ledger)
+    try:
+        prepared = prepare_round(msg, site, cfg, records, secure=False)
+    except protocol.Refusal as refused:
+        return refusal(msg, refused)
+    delta, weight, metrics = local_update(prepared, site, cfg, records)
     if site.require_privacy and not site.release_train_loss:
         del metrics["train_loss"]  # logged here, never sent: ε does not cover it
     content = RecordDict({

@@ -62,6 +62,20 @@ def _send(grid: Grid, contents: dict[int, dict], rc: protocol.RoundConfig, stage
     return replies, offline
 
 
+def _without_refusals(replies: dict[int, Message], names: dict[int, str], rc: protocol.RoundConfig,
+                      stage: str) -> dict[int, Message]:
+    """The replies that carry the stage's answer; a site's refusal (a fixed code) is logged and left out."""
+    kept = {}
+    for node, reply in replies.items():
+        status = reply.content.config_records.get(protocol.STATUS)
+        if status is not None and status.get("status") == protocol.STATUS_REFUSED:
+            log.warning("%s refused the %s stage of round %d: %s", names.get(node, f"node {node}"), stage, rc.round,
+                        status.get("reason"))
+            continue
+        kept[node] = reply
+    return kept
+
+
 def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc: protocol.RoundConfig,
                  global_state: dict, names: list[str], ledger: PrivacyLedger,
                  timeout: Optional[float]) -> "RoundOutcome":
@@ -113,6 +127,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
             keys[f"{j}.enc"], keys[f"{j}.mask"] = public[j]
         contents[by_index[i].node_id] = {protocol.KEYS: ConfigRecord(keys)}
     replies, _ = _send(grid, contents, rc, {"stage": protocol.STAGE_SHARE, "threshold": t}, timeout, site_names)
+    replies = _without_refusals(replies, site_names, rc, protocol.STAGE_SHARE)
     shares = {index[node]: {int(j): bytes(ct) for j, ct in r.content[protocol.SHARES].items()}
               for node, r in replies.items()}
     sharers = set(shares)
@@ -150,7 +165,6 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
             if len(vector.data) > cfg.federation.max_update_bytes:
                 raise ValueError(f"payload of {len(vector.data)} bytes exceeds the limit")
             masked[i] = vector.numpy()
-            out.local_train_seconds += float(reply.content[protocol.METRICS]["train_seconds"])
         except (KeyError, TypeError, ValueError) as exc:
             log.error("rejected the masked update of %s in round %d: %s; treated as a dropout", site.name,
                       rc.round, exc)
@@ -163,6 +177,7 @@ def secure_round(grid: Grid, selected: list["SiteInfo"], cfg: FedtuneConfig, rc:
                                   "dropped": [0] + [j for j in graph[i] if j in sharers and j not in survivors]}
             for i in survivors}
     replies, _ = _send(grid, {n: {} for n in sets}, rc, {"stage": protocol.STAGE_UNMASK}, timeout, site_names, sets)
+    replies = _without_refusals(replies, site_names, rc, protocol.STAGE_UNMASK)
     seed_shares: dict[int, dict[int, bytes]] = {}
     key_shares: dict[int, dict[int, bytes]] = {}
     for node, reply in replies.items():

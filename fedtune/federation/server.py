@@ -32,7 +32,7 @@ from fedtune.data.encoding import encode_all
 from fedtune.evaluate import evaluate_lm
 from fedtune.federation import exchange, protocol
 from fedtune.secagg.protocol import MIN_SITES
-from fedtune.models import build_lora_model, lora_parameter_names
+from fedtune.models import build_fingerprinted_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
 
@@ -188,13 +188,13 @@ def _reachable(grid: Grid, eligible: list[SiteInfo], needed: int, wait_timeout_s
         time.sleep(2.0)
 
 
-def round_config(cfg: FedtuneConfig, round_number: int) -> protocol.RoundConfig:
+def round_config(cfg: FedtuneConfig, round_number: int, base_fingerprint: str) -> protocol.RoundConfig:
     p, t = cfg.privacy, cfg.train
     return protocol.RoundConfig(
         round=round_number, noise_multiplier=p.noise_multiplier if p.enabled else 0.0,
         sample_rate=p.sample_rate, local_steps=t.local_steps, max_grad_norm=p.max_grad_norm,
         learning_rate=t.learning_rate, optimizer=t.optimizer, strategy=cfg.federation.strategy,
-        private=p.enabled,
+        private=p.enabled, base_fingerprint=base_fingerprint,
     )
 
 
@@ -321,7 +321,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
-    model, tokenizer = build_lora_model(cfg.model)
+    built = build_fingerprinted_model(cfg.model)
+    model, tokenizer = built.model, built.tokenizer
     all_names = lora_parameter_names(model)
     strategy = adapters.make_strategy(fed.strategy)
     aggregated = strategy.aggregated_names(model)
@@ -389,7 +390,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         tqdm.write(reporting.TABLE_HEADER)
     try:
         for round_number in bar:
-            rc = round_config(cfg, round_number)
+            rc = round_config(cfg, round_number, built.fingerprint)
             charge = _charge_of(rc)
             eligible = []
             for site in sites:

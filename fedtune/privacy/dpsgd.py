@@ -135,6 +135,8 @@ class DPSGDTrainer:
             return math.nan
         losses = per_record_loss(self.model, batch)
         losses.mean().backward()
+        if self.params.private:
+            zero_non_finite_records(self.trainable)
         return float(losses.detach().mean())
 
     def per_record_gradients(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -164,6 +166,28 @@ class DPSGDTrainer:
         loss = self._backward(batch)
         self.optimizer.step()
         return loss
+
+
+def zero_non_finite_records(params: list[torch.nn.Parameter]) -> int:
+    """Zero every per-record gradient that has a NaN or Inf in any tensor; returns how many.
+
+    Clipping cannot bound a NaN, and the noise would not hide it: one non-finite record
+    would make the whole update non-finite and the round fail *because of that record*,
+    an un-noised bit to whoever crafted the model state that provoked it.  A zeroed
+    record contributes nothing (norm 0 ≤ C), so the release stays a DP release whatever
+    the data, and sensitivity is unchanged.
+    """
+    samples = [p.grad_sample for p in params if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+    if not samples:
+        return 0
+    finite = torch.ones(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
+    for grad in samples:
+        finite &= torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+    bad = int((~finite).sum())
+    if bad:
+        for grad in samples:
+            grad[~finite] = 0.0
+    return bad
 
 
 def _on_device(batch: Batch, device: torch.device) -> Batch:
