@@ -255,6 +255,22 @@ def test_perturbed_base_weights_change_the_fingerprint(server: HostileServer) ->
     assert base_fingerprint(model, tokenizer) != honest == server.built.fingerprint
 
 
+def test_fingerprint_command_prints_what_the_server_sends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedtune.deploy.cli import client_main
+
+    home = tmp_path / "kit"
+    home.mkdir()
+    for name in ("ca.crt", "auth.key", "data.jsonl"):
+        (home / name).write_text("x")
+    (home / "site.yaml").write_text("site_id: hosp-a\n")
+    client_main(["fingerprint", "--site-config", str(home / "site.yaml"), "model.lora.rank=2"])
+    printed = capsys.readouterr().out.strip()
+    from fedtune.config import FedtuneConfig
+
+    # The LoRA shape is not part of the base model: a default-config server sends this value.
+    assert printed == build_fingerprinted_model(FedtuneConfig().model).fingerprint
+
+
 # Hole 9: the same ledger file under a new site_id started again at ε = 0.
 def test_renaming_a_site_does_not_reset_its_budget(server: HostileServer) -> None:
     server.cfg.train.local_steps = 10

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedtune.config import ConfigError
+from fedtune.data.records import DataError
 
 log = logging.getLogger("fedtune")
 
@@ -150,9 +151,41 @@ def server_main(argv: list[str]) -> None:
     raise SystemExit(serve(paths, fed, cfg, keep_running=args.keep_running))
 
 
+def fingerprint_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="fedtune client fingerprint",
+        description="Print the base-model fingerprint of this site's model copy (site.yaml model_path, or the "
+                    "built-in tiny model), to pin it as policy.expected_base_fingerprint. The server logs the "
+                    "fingerprint of its own copy when a run starts; the two must match.")
+    parser.add_argument("--site-config", type=Path, required=True)
+    parser.add_argument("overrides", nargs="*",
+                        help="the run's model settings if not the defaults, e.g. model.task=classification "
+                             "model.num_labels=2 (the classification head is part of the base model)")
+    args = parser.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from fedtune.config import FedtuneConfig, validate
+    from fedtune.deploy.site_config import load_site_config
+    from fedtune.models import build_fingerprinted_model
+
+    try:
+        site = load_site_config(args.site_config)
+        cfg: FedtuneConfig = OmegaConf.to_object(OmegaConf.merge(  # type: ignore[assignment]
+            OmegaConf.structured(FedtuneConfig), OmegaConf.from_dotlist(list(args.overrides))))
+        cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
+        cfg.secagg.enabled = False
+        validate(cfg)
+    except ConfigError as exc:
+        _fail(exc)
+    print(build_fingerprinted_model(cfg.model).fingerprint)
+
+
 def client_main(argv: list[str]) -> None:
     if argv[:1] == ["keygen"]:
         keygen_main(argv[1:])
+        return
+    if argv[:1] == ["fingerprint"]:
+        fingerprint_main(argv[1:])
         return
     parser = argparse.ArgumentParser(
         prog="fedtune client",
@@ -167,6 +200,7 @@ def client_main(argv: list[str]) -> None:
 
     try:
         site = load_site_config(args.site_config, args.overrides)
-    except ConfigError as exc:
+        code = run_site(site)
+    except (ConfigError, DataError) as exc:
         _fail(exc)
-    raise SystemExit(run_site(site))
+    raise SystemExit(code)

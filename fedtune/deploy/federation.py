@@ -164,13 +164,24 @@ data:
   path: data.jsonl                 # your training data (JSONL: text, or prompt/response)
   format: auto
   group_field: source
+  label_field: label               # labelled data only: the class field, and your classes
+  label_names: null                #   as names in class order, or
+  num_labels: null                 #   as a count of integer labels 0..N-1
 budget:
   epsilon: 8.0                     # your (ε, δ) budget over the whole federation
   delta: 1.0e-05
   accountant: rdp
   require_privacy: true            # refuse any round that is not DP-SGD
-ledger_path: ledger.sqlite         # your privacy ledger: keep it, it is your budget's memory
-model_path: null                   # local copy of the base model when the federation uses one
+ledger_path: ledger.sqlite         # your privacy ledger: keep it (and back it up), it is your budget's memory
+model_path: null                   # your copy of the federation's base model; null: the built-in tiny model
+policy:                            # the rounds you accept, whatever the server asks
+  min_noise_multiplier: 0.3        # least DP-SGD noise σ
+  max_sample_rate: 0.5             # largest Poisson sampling rate q
+  max_local_steps: 1000            # most DP-SGD steps in one round
+  require_secure_aggregation: true # never send an unmasked update
+  min_other_sites: 2               # least number of other sites in the masked sum
+  expected_base_fingerprint: null  # pin the base model (`fedtune client fingerprint`); null: your copy's
+  max_adapter_value: 10000.0       # a larger entry in the global adapter is refused
 device: cpu
 torch_threads: 1
 runtime_port: {9100 + port_offset}                 # local only (127.0.0.1): SuperNode <-> fedtune executor

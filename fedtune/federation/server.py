@@ -323,6 +323,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     fed = cfg.federation
     built = build_fingerprinted_model(cfg.model)
     model, tokenizer = built.model, built.tokenizer
+    # Sites refuse rounds whose fingerprint differs from their own copy's (and may pin it).
+    log.info("base model fingerprint %s", built.fingerprint)
     all_names = lora_parameter_names(model)
     strategy = adapters.make_strategy(fed.strategy)
     aggregated = strategy.aggregated_names(model)
