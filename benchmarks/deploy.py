@@ -127,6 +127,7 @@ def _calibrate(cfg) -> Calibration:
     from fedtune.data.encoding import encode_all
     from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
     from fedtune.privacy.dpsgd import DPSGDParams, train_locally
+    from fedtune.strategies import make_strategy
 
     data = load_federated_data(cfg.data, cfg.federation.num_sites)
     largest = max(range(cfg.federation.num_sites), key=lambda i: len(data.site_records(i)))
@@ -134,7 +135,7 @@ def _calibrate(cfg) -> Calibration:
     build_lora_model(cfg.model)  # imports and first-call caches, as a warm executor has them
     started = time.perf_counter()
     model, tokenizer = build_lora_model(cfg.model)
-    names = adapters.make_strategy(cfg.federation.strategy).aggregated_names(model)
+    names = make_strategy(cfg.federation.strategy).trainable_names(model)
     state = adapters.lora_state(model, lora_parameter_names(model))
     adapters.load_lora_state(model, state)
     built = time.perf_counter()

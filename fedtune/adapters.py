@@ -1,4 +1,4 @@
-"""LoRA adapter state, deltas, their wire form, and the aggregation rules.
+"""LoRA adapter state, deltas, and their wire form (the aggregation rules are in fedtune.strategies).
 
 A site sends ``n_i · Δ_i`` and ``n_i`` (its record count) rather than ``Δ_i``: the
 weighted mean Σ n_i Δ_i / Σ n_i then needs only two sums, which is exactly what a
@@ -198,55 +198,6 @@ def sum_updates(updates: list[tuple[State, float]]) -> tuple[State, float]:
             total[n] += state[n]
         weight += w
     return total, weight
-
-
-class FedAvgLoRA:
-    """Weighted FedAvg of the deltas of every LoRA tensor (A and B).
-
-    Averaging A and B separately is not averaging the products B·A, so the global
-    adapter is only approximately the mean of the sites' adapters; this is the usual
-    LoRA-FedAvg trade-off.
-    """
-
-    name = "fedavg"
-
-    def aggregated_names(self, model: PeftModel) -> list[str]:
-        from fedtune.models import lora_parameter_names
-
-        return lora_parameter_names(model)
-
-    def aggregate(self, weighted_sum: Mapping[str, np.ndarray], total_weight: float) -> State:
-        """The rule: Σ n_i Δ_i / Σ n_i."""
-        if total_weight <= 0:
-            raise ValueError("total weight must be positive")
-        return {n: (v / total_weight).astype(np.float32) for n, v in weighted_sum.items()}
-
-    def apply(self, global_state: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> State:
-        return {n: (global_state[n] + mean_delta[n]).astype(np.float32) if n in mean_delta else global_state[n]
-                for n in global_state}
-
-
-class FFALoRA(FedAvgLoRA):
-    """FFA-LoRA (Sun et al., ICLR 2024): A frozen at its shared initialisation, only B trained.
-
-    With A fixed, B·A is linear in B, so the average of the sites' adapters is exactly
-    the adapter of the averaged B; and DP noise is spread over half the parameters.
-    """
-
-    name = "ffa"
-
-    def aggregated_names(self, model: PeftModel) -> list[str]:
-        from fedtune.models import lora_parameter_names
-
-        return lora_parameter_names(model, only_b=True)
-
-
-def make_strategy(name: str) -> FedAvgLoRA:
-    if name == "ffa":
-        return FFALoRA()
-    if name == "fedavg":
-        return FedAvgLoRA()
-    raise ValueError(f"config error in 'federation.strategy': unknown strategy '{name}'. Use fedavg or ffa.")
 
 
 def flatten(state: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:

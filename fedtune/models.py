@@ -227,18 +227,15 @@ def site_model(cfg: ModelConfig) -> FingerprintedModel:
     return _SITE_MODELS[key]
 
 
-def lora_parameter_names(model: PeftModel, only_b: bool = False) -> list[str]:
+def lora_parameter_names(model: PeftModel) -> list[str]:
     """Names (as in ``named_parameters``) of the adapter's tensors, in a fixed order.
 
     The LoRA tensors, plus the trained copy of a classification head (peft's
-    ``modules_to_save``), which travels and is averaged like them.  ``only_b`` (FFA-LoRA)
-    leaves out every lora_A but keeps the head: it is new, so it must be trained.
+    ``modules_to_save``), which travels and is averaged like them.  Which of them a site
+    trains is the aggregation rule's choice (``fedtune.strategies``).
     """
-    names = [n for n, _ in model.named_parameters()
-             if ".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n]
-    if only_b:
-        names = [n for n in names if ".lora_A." not in n]
-    return names
+    return [n for n, _ in model.named_parameters()
+            if ".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n]
 
 
 def set_trainable(model: PeftModel, names: list[str]) -> None:

@@ -31,6 +31,7 @@ from fedtune.privacy.accounting import Charge
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
+from fedtune.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     model, tokenizer = prepared.built.model, prepared.built.tokenizer
     # The whole adapter is loaded (exact key set), so nothing of the last round survives.
     adapters.load_lora_state(model, prepared.global_state)
-    trained = lora_parameter_names(model, only_b=(rc.strategy == "ffa"))
+    # The rule decides what is trained, as the server decides what it aggregates: the same set.
+    trained = make_strategy(rc.strategy).trainable_names(model)
     set_trainable(model, trained)
     # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
     model.to(site.device)

@@ -35,6 +35,7 @@ from fedtune.secagg.protocol import MIN_SITES
 from fedtune.models import build_fingerprinted_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +327,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     # Sites refuse rounds whose fingerprint differs from their own copy's (and may pin it).
     log.info("base model fingerprint %s", built.fingerprint)
     all_names = lora_parameter_names(model)
-    strategy = adapters.make_strategy(fed.strategy)
-    aggregated = strategy.aggregated_names(model)
+    strategy = make_strategy(fed.strategy)
+    aggregated = strategy.trainable_names(model)
     global_state = adapters.lora_state(model, all_names)
     start_round = 1
     checkpoint = load_checkpoint(run_dir / "checkpoint")
