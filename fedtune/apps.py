@@ -18,10 +18,11 @@ from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import FedtuneConfig, from_dict, validate
+from fedtune.config import FedtuneConfig, from_dict
 from fedtune.federation import client as site
 from fedtune.federation import protocol, secure_client
 from fedtune.federation.server import ServerSummary, run_server
+from fedtune.validation import validate
 
 if TYPE_CHECKING:
     from fedtune.deploy.site_config import SiteConfig

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ConfigError, FedtuneConfig, register_configs
+from fedtune.config import FedtuneConfig, register_configs
 from fedtune.data.records import DataError
+from fedtune.errors import ConfigError
 
 log = logging.getLogger("fedtune")
 

@@ -1,11 +1,13 @@
 """Typed configuration of a fedtune run, and its validation.
 
-Every field has a type (enforced by OmegaConf when Hydra composes the YAML) and a
-meaning checked by :func:`validate` before any model is loaded or any record is
-read.  Checks that need the data (δ against the number of records, sites against
-records) live in :func:`validate_against_data` and run right after loading, still
-before any training: a bad run stops in seconds with one message naming the field
-and what would be valid, never after spending privacy budget.
+Every field has a type (enforced by OmegaConf when Hydra composes the YAML, or by
+:func:`load_structured` for every other entry point) and a meaning checked by one
+validator per section here.  :func:`fedtune.validation.validate` composes them with the
+secure-aggregation rules (:mod:`fedtune.secagg.parameters`) before any model is loaded
+or any record is read, so this module stays a leaf: it imports nothing of fedtune but
+its errors, and secagg, privacy and deploy can import the schema without a cycle.  A bad
+run stops in seconds with one message naming the field and what would be valid, never
+after spending privacy budget.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
+
+from fedtune.errors import ConfigError, require
 
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
@@ -22,14 +26,6 @@ DATA_FORMATS = ("auto", "text", "instruction", "labelled")
 TASKS = ("causal_lm", "classification")
 STRATEGIES = ("fedavg", "ffa")
 OPTIMIZERS = ("sgd", "adam")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-    def __init__(self, field_name: str, problem: str, fix: str) -> None:
-        self.field = field_name
-        super().__init__(f"config error in '{field_name}': {problem}. {fix}")
 
 
 @dataclass
@@ -160,15 +156,9 @@ class FedtuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    # Where outputs go; null means Hydra's run directory (or ./runs/<time> outside Hydra).
+    # Where outputs go; null means Hydra's run directory under `fedtune simulate`, else runs/default.
     run_dir: Optional[str] = None
     log_level: str = "INFO"
-
-
-def require(cond: bool, field_name: str, problem: str, fix: str) -> None:
-    """Raise ConfigError naming ``field_name``, the problem and the fix, unless ``cond``."""
-    if not cond:
-        raise ConfigError(field_name, problem, fix)
 
 
 def _choice(value: str, options: tuple[str, ...], field_name: str) -> None:
@@ -180,10 +170,7 @@ def _choice(value: str, options: tuple[str, ...], field_name: str) -> None:
     )
 
 
-def validate(cfg: FedtuneConfig) -> None:
-    """Check every value that can be checked without the data; raise ConfigError."""
-    p, t, f, d, m = cfg.privacy, cfg.train, cfg.federation, cfg.data, cfg.model
-
+def validate_privacy(p: PrivacyConfig) -> None:
     require(
         p.target_epsilon > 0 and not math.isnan(p.target_epsilon),
         "privacy.target_epsilon",
@@ -191,155 +178,120 @@ def validate(cfg: FedtuneConfig) -> None:
         "Use a positive number such as 1, 4 or 8 (set privacy.enabled=false for a non-private run).",
     )
     require(0 < p.delta < 1, "privacy.delta", f"{p.delta} is not in (0, 1)",
-             "Use a small positive δ below 1/(records per site), e.g. 1e-5.")
+            "Use a small positive δ below 1/(records per site), e.g. 1e-5.")
     require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"clipping norm {p.max_grad_norm} is not positive",
-             "Use a positive clipping norm C, e.g. 1.0.")
+            "Use a positive clipping norm C, e.g. 1.0.")
     require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"{p.noise_multiplier} is negative",
-             "Use σ ≥ 0 (σ = 0 gives no privacy: set privacy.enabled=false instead).")
+            "Use σ ≥ 0 (σ = 0 gives no privacy: set privacy.enabled=false instead).")
     if p.enabled:
         require(p.noise_multiplier > 0, "privacy.noise_multiplier",
-                 "σ = 0 with privacy.enabled=true gives an infinite ε",
-                 "Use σ > 0 (e.g. 0.8), or set privacy.enabled=false.")
+                "σ = 0 with privacy.enabled=true gives an infinite ε",
+                "Use σ > 0 (e.g. 0.8), or set privacy.enabled=false.")
     require(0 < p.sample_rate <= 1, "privacy.sample_rate", f"{p.sample_rate} is outside (0, 1]",
-             "Use a Poisson sampling rate q in (0, 1], e.g. 0.05.")
+            "Use a Poisson sampling rate q in (0, 1], e.g. 0.05.")
     _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
 
+
+def validate_train(t: TrainConfig) -> None:
     require(t.local_steps >= 1, "train.local_steps", f"{t.local_steps} < 1", "Use at least one local step.")
     require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} is not positive",
-             "Use a positive learning rate, e.g. 0.01.")
+            "Use a positive learning rate, e.g. 0.01.")
     _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} < 1", "Use at least 1.")
     require(t.torch_threads >= 1, "train.torch_threads", f"{t.torch_threads} < 1", "Use at least 1.")
 
+
+def validate_federation(f: FederationConfig) -> None:
     require(f.num_sites >= 1, "federation.num_sites", f"{f.num_sites} < 1", "Use at least one site.")
     require(f.num_rounds >= 1, "federation.num_rounds", f"{f.num_rounds} < 1", "Use at least one round.")
     if f.sites_per_round is not None:
         require(1 <= f.sites_per_round <= f.num_sites, "federation.sites_per_round",
-                 f"{f.sites_per_round} is not between 1 and num_sites={f.num_sites}",
-                 "Use null (all sites) or a number in that range.")
+                f"{f.sites_per_round} is not between 1 and num_sites={f.num_sites}",
+                "Use null (all sites) or a number in that range.")
     _choice(f.strategy, STRATEGIES, "federation.strategy")
     require(f.max_update_bytes > 0, "federation.max_update_bytes", "must be positive", "Use e.g. 268435456.")
     require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
     require(f.wait_for_sites_s > 0, "federation.wait_for_sites_s", "must be positive", "Use e.g. 120.")
     require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
-             f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
+            f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
 
+
+def validate_task(m: ModelConfig, d: DataConfig, demo_classes: int) -> None:
+    """The task and the records' format must agree.
+
+    ``demo_classes`` is the number of classes (specialities) of the built-in demo corpus,
+    passed in by the caller so that this module needs nothing from :mod:`fedtune.data`.
+    """
     _choice(d.format, DATA_FORMATS, "data.format")
     _choice(m.task, TASKS, "model.task")
-    if m.task == "classification":
-        require(d.format == "labelled", "data.format", f"'{d.format}' records carry no class labels",
-                 "Set data.format=labelled for model.task=classification "
-                 '(records like {"text": "...", "label": 1}).')
-        require(m.num_labels >= 2, "model.num_labels", f"{m.num_labels} < 2", "Use the number of classes, e.g. 2.")
-        if d.path is None:
-            from fedtune.data.demo import speciality_names
-
-            classes = len(speciality_names())
-            require(m.num_labels == classes, "model.num_labels",
-                     f"the demo corpus has {classes} classes (specialities), not {m.num_labels}",
-                     f"Set model.num_labels={classes}, or give a labelled JSONL in data.path.")
-        if d.label_names is not None:
-            require(len(d.label_names) == m.num_labels, "data.label_names",
-                     f"{len(d.label_names)} names for model.num_labels={m.num_labels}",
-                     "List one name per class, in class-index order.")
-    else:
+    if m.task != "classification":
         require(d.format != "labelled", "data.format", "labelled records need a classification head",
-                 "Set model.task=classification (and model.num_labels), or use text/instruction records.")
+                "Set model.task=classification (and model.num_labels), or use text/instruction records.")
+        return
+    require(d.format == "labelled", "data.format", f"'{d.format}' records carry no class labels",
+            "Set data.format=labelled for model.task=classification "
+            '(records like {"text": "...", "label": 1}).')
+    require(m.num_labels >= 2, "model.num_labels", f"{m.num_labels} < 2", "Use the number of classes, e.g. 2.")
+    if d.path is None:
+        require(m.num_labels == demo_classes, "model.num_labels",
+                f"the demo corpus has {demo_classes} classes (specialities), not {m.num_labels}",
+                f"Set model.num_labels={demo_classes}, or give a labelled JSONL in data.path.")
+    if d.label_names is not None:
+        require(len(d.label_names) == m.num_labels, "data.label_names",
+                f"{len(d.label_names)} names for model.num_labels={m.num_labels}",
+                "List one name per class, in class-index order.")
+
+
+def validate_data(d: DataConfig, num_sites: int) -> None:
     _choice(d.partition, PARTITIONS, "data.partition")
     require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
-             "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")
+            "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")
     require(0 < d.eval_fraction < 1, "data.eval_fraction", f"{d.eval_fraction} is outside (0, 1)",
-             "Hold out a fraction such as 0.1 for evaluation.")
+            "Hold out a fraction such as 0.1 for evaluation.")
     require(d.max_length >= 8, "data.max_length", f"{d.max_length} < 8", "Use at least 8 tokens, e.g. 128.")
     if d.path is None:
         require(d.demo_records >= 10, "data.demo_records", f"{d.demo_records} < 10", "Use at least 10 records.")
     else:
         path = Path(d.path)
         require(path.is_file(), "data.path", f"'{d.path}' is not a file",
-                 "Point data.path at a local JSONL file, or set it to null for the built-in demo corpus.")
+                "Point data.path at a local JSONL file, or set it to null for the built-in demo corpus.")
         require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
-                 "Give a JSONL file with one record per line.")
-
+                "Give a JSONL file with one record per line.")
     if d.canary_path is not None:
         require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
-                 "Point data.canary_path at a JSONL file of canary records, or set it to null.")
-        require(0 <= d.canary_site < f.num_sites, "data.canary_site",
-                 f"{d.canary_site} is not a site index below num_sites={f.num_sites}",
-                 f"Use a site index in 0..{f.num_sites - 1}.")
+                "Point data.canary_path at a JSONL file of canary records, or set it to null.")
+        require(0 <= d.canary_site < num_sites, "data.canary_site",
+                f"{d.canary_site} is not a site index below num_sites={num_sites}",
+                f"Use a site index in 0..{num_sites - 1}.")
 
-    if cfg.secagg.enabled:
-        validate_secagg(cfg)
 
-    lora = m.lora
+def validate_lora(lora: LoraSettings) -> None:
     require(lora.rank >= 1, "model.lora.rank", f"{lora.rank} < 1", "Use a rank such as 8.")
     require(lora.alpha > 0, "model.lora.alpha", f"{lora.alpha} is not positive", "Use e.g. 2 × rank.")
     require(0 <= lora.dropout < 1, "model.lora.dropout", f"{lora.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.05.")
     require(not lora.use_dora, "model.lora.use_dora",
-             "DoRA's magnitude vector has no per-sample gradient rule in Opacus, so DP-SGD cannot clip it",
-             "Set model.lora.use_dora=false.")
+            "DoRA's magnitude vector has no per-sample gradient rule in Opacus, so DP-SGD cannot clip it",
+            "Set model.lora.use_dora=false.")
     if lora.target_modules is not None:
         require(len(lora.target_modules) > 0, "model.lora.target_modules", "is empty",
-                 "List module names such as [q_proj, v_proj], or null for the model family's default.")
+                "List module names such as [q_proj, v_proj], or null for the model family's default.")
         embedding_like = [name for name in lora.target_modules if "emb" in name or name in ("wte", "wpe")]
         require(not embedding_like, "model.lora.target_modules",
-                 f"LoRA on embeddings ({', '.join(embedding_like)}) fails under every Opacus grad-sample mode",
-                 "Target attention/MLP projections instead, e.g. [q_proj, v_proj].")
+                f"LoRA on embeddings ({', '.join(embedding_like)}) fails under every Opacus grad-sample mode",
+                "Target attention/MLP projections instead, e.g. [q_proj, v_proj].")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The base model and its LoRA shape (the task is :func:`validate_task`'s)."""
+    validate_lora(m.lora)
     if m.path is not None:
         mp = Path(m.path)
         require(mp.is_dir() and (mp / "config.json").is_file(), "model.path",
-                 f"'{m.path}' is not a Hugging Face model directory (no config.json)",
-                 "Point model.path at a local directory saved with save_pretrained, or null for the tiny model.")
+                f"'{m.path}' is not a Hugging Face model directory (no config.json)",
+                "Point model.path at a local directory saved with save_pretrained, or null for the tiny model.")
     tiny = m.tiny
     require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
-             f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")
-
-
-def secagg_parameters(cfg: FedtuneConfig, num_sites: int) -> tuple[int, int]:
-    """(neighbours k, threshold t) for a round among ``num_sites`` sites."""
-    from fedtune.secagg.protocol import default_neighbours
-
-    k = min(cfg.secagg.neighbours if cfg.secagg.neighbours is not None else default_neighbours(num_sites),
-            num_sites - 1)
-    t = cfg.secagg.threshold if cfg.secagg.threshold is not None else k // 2 + 1
-    return k, min(t, k)
-
-
-def validate_secagg(cfg: FedtuneConfig) -> None:
-    from fedtune.secagg.masks import Quantizer
-    from fedtune.secagg.protocol import MIN_SITES
-
-    s, n = cfg.secagg, cfg.federation.num_sites
-    require(n >= MIN_SITES, "secagg.enabled", f"secure aggregation needs at least {MIN_SITES} sites, got {n}",
-             f"Use federation.num_sites >= {MIN_SITES}, or secagg.enabled=false.")
-    if s.neighbours is not None:
-        require(s.neighbours >= 2 and s.neighbours % 2 == 0, "secagg.neighbours",
-                 f"{s.neighbours} is not an even number ≥ 2", "Use an even k such as 6, or null for ~2·log2(n).")
-    k, _ = secagg_parameters(cfg, n)
-    if s.threshold is not None:
-        require(2 <= s.threshold <= k, "secagg.threshold", f"{s.threshold} is not between 2 and neighbours={k}",
-                 f"Use a threshold in 2..{k} (a majority, {k // 2 + 1}, is the usual choice).")
-    require(s.max_weight >= 1, "secagg.max_weight", f"{s.max_weight} < 1", "Use at least the largest site's record count.")
-    Quantizer(bits=s.bits, clip_range=s.clip_range, max_weight=s.max_weight, num_sites=n).check()
-
-
-def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_records: int) -> None:
-    """Checks that need the partitioned data; run before any training starts."""
-    f, p = cfg.federation, cfg.privacy
-    require(f.num_sites <= total_records, "federation.num_sites",
-             f"{f.num_sites} sites but only {total_records} training records",
-             f"Use at most {total_records} sites, or more data.")
-    empty = [i for i, n in enumerate(site_sizes) if n == 0]
-    require(not empty, "federation.num_sites", f"sites {empty} received no records from the partitioner",
-             "Use fewer sites, a larger data.dirichlet_alpha, or data.partition=iid.")
-    if cfg.secagg.enabled:
-        require(max(site_sizes) <= cfg.secagg.max_weight, "secagg.max_weight",
-                 f"a site holds {max(site_sizes)} records, above the masked weight bound {cfg.secagg.max_weight}",
-                 f"Set secagg.max_weight to at least {max(site_sizes)}.")
-    if p.enabled:
-        largest = max(site_sizes)
-        require(p.delta < 1.0 / largest, "privacy.delta",
-                 f"δ={p.delta} is not below 1/records={1.0 / largest:.3g} for a site with {largest} records",
-                 f"Use δ < {1.0 / largest:.3g}, e.g. {10 ** math.floor(math.log10(0.1 / largest)):.0e}.")
+            f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")
 
 
 def to_dict(cfg: FedtuneConfig) -> dict[str, Any]:
@@ -348,10 +300,42 @@ def to_dict(cfg: FedtuneConfig) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> FedtuneConfig:
     """Rebuild a config from :func:`to_dict` output (e.g. a JSON run config)."""
-    from omegaconf import OmegaConf
+    return load_structured(FedtuneConfig, data)
 
-    merged = OmegaConf.merge(OmegaConf.structured(FedtuneConfig), data)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+T = TypeVar("T")
+Source = Union[str, Path, Mapping[str, Any]]
+CHECK_SCHEMA = "Check the key and its type against configs/."
+
+
+def load_structured(schema: Union[type[T], T], *sources: Source, overrides: Sequence[str] = (),
+                    fix: str = CHECK_SCHEMA) -> T:
+    """``schema`` (a dataclass, or an instance as the base), then each source, then overrides.
+
+    Every entry point but ``fedtune simulate`` (where Hydra composes) reads its settings
+    through here: a source is a YAML file or a mapping (e.g. parsed JSON), an override is
+    ``dotted.key=value``.  OmegaConf type-checks the merge against the dataclasses; its
+    errors become one ConfigError naming the full key (``federation.num_rondz``) and
+    ``fix``, so a mistyped field never reaches the run as a traceback or a silent default.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        require("=" in item, item, "is not an override of the form key=value",
+                "Write e.g. federation.num_rounds=5 (dotted keys reach nested fields).")
+    files = [str(source) for source in sources if isinstance(source, (str, Path))]
+    # Named when OmegaConf's error has no key (a file whose top level is not a mapping).
+    where = files[-1] if files else "override" if overrides else "config"
+    try:
+        parts = [OmegaConf.structured(schema)]
+        parts += [OmegaConf.load(source) if isinstance(source, (str, Path)) else OmegaConf.create(dict(source))
+                  for source in sources]
+        parts.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*parts))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or where
+        raise ConfigError(str(key), str(exc).splitlines()[0], fix) from None
 
 
 def register_configs() -> None:

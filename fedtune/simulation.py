@@ -16,9 +16,10 @@ from pathlib import Path
 
 from fedtune.checkpoint import atomic_write_text
 from fedtune.apps import make_client_app, make_server_app
-from fedtune.config import FedtuneConfig, validate, validate_against_data
+from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
 from fedtune.federation.server import ServerSummary
+from fedtune.validation import validate, validate_against_data
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.config import ConfigError, FedtuneConfig, validate
+from fedtune.config import FedtuneConfig
 from fedtune.data import DataError, load_federated_data, load_jsonl
 from fedtune.data.encoding import collate, encode_all
+from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_inprocess
 from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer
+from fedtune.validation import validate
 from fedtune.strategies import FFALoRA
 
 from conftest import SHARED_DATA, tiny_config

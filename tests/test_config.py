@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 
-from fedtune.config import ConfigError, FedtuneConfig, validate, validate_against_data
+import fedtune.config
+from fedtune.config import FedtuneConfig, load_structured
+from fedtune.errors import ConfigError
 from fedtune.simulation import check_data
+from fedtune.validation import validate, validate_against_data
 
 
 def _fails(cfg: FedtuneConfig, field: str) -> str:
@@ -120,3 +124,32 @@ def test_secagg_fields() -> None:
     assert "at least 3 sites" in _fails(cfg, "secagg.enabled")
     cfg.secagg.enabled = False
     validate(cfg)
+
+
+def test_config_is_a_leaf() -> None:
+    """config.py imports nothing of fedtune but its errors, at module or function level."""
+    tree = ast.parse(Path(fedtune.config.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name and name.startswith("fedtune")} == {"fedtune.errors"}
+
+
+def test_load_structured_names_the_full_key(tmp_path: Path) -> None:
+    source = tmp_path / "server.yaml"
+    source.write_text("federation:\n  num_rounds: 3\n")
+    cfg = load_structured(FedtuneConfig, source, {"train": {"learning_rate": 0.5}}, overrides=["federation.seed=4"])
+    assert (cfg.federation.num_rounds, cfg.train.learning_rate, cfg.federation.seed) == (3, 0.5, 4)
+    base = load_structured(cfg, overrides=["privacy.delta=1e-6"])  # an instance is the base, not the defaults
+    assert base.federation.num_rounds == 3 and base.privacy.delta == 1e-6 and cfg.privacy.delta == 1e-5
+    for overrides, key in [(["federation.num_rondz=1"], "federation.num_rondz"),
+                           (["federation.num_rounds=many"], "federation.num_rounds"),
+                           (["federation.sites_per_round"], "federation.sites_per_round")]:
+        with pytest.raises(ConfigError) as err:
+            load_structured(FedtuneConfig, overrides=overrides, fix="Check the key.")
+        assert err.value.field == key
+    assert str(err.value).endswith("is not an override of the form key=value. Write e.g. federation.num_rounds=5 "
+                                   "(dotted keys reach nested fields).")
+    source.write_text("secagg:\n  bits: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load_structured(FedtuneConfig, source)
+    assert err.value.field == "secagg.bits"

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedtune import __version__
-from fedtune.config import ConfigError, from_dict, to_dict
+from fedtune.config import from_dict, to_dict
+from fedtune.errors import ConfigError
 from fedtune.deploy import pki
 from fedtune.deploy.executor import AppPin
 from fedtune.deploy.federation import FederationPaths, add_sites, init_federation, load_federation, write_demo_data

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import ConfigError, FedtuneConfig
+from fedtune.config import FedtuneConfig
+from fedtune.errors import ConfigError
 from fedtune.data import load_federated_data
 from fedtune.experiments import audit, utility
 from fedtune.experiments.cli import main as experiment_main

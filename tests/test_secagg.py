@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.secagg import protocol, shamir
 from fedtune.secagg.masks import Quantizer, mask_stream, ring_add
 

@@ -18,7 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedtune import adapters
-from fedtune.config import ConfigError, to_dict
+from fedtune.config import to_dict
+from fedtune.errors import ConfigError
 from fedtune.data import DataError, load_jsonl
 from fedtune.deploy.site_config import is_site_id
 from fedtune.deploy.site_data import load_site_records

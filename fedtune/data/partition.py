@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedtune.data.records import Record
+from fedtune.errors import ConfigError
 
 MIN_RECORDS_PER_SITE = 2
 _MAX_DRAWS = 100
@@ -44,10 +45,8 @@ def partition(records: list[Record], num_sites: int, method: str, alpha: float, 
         return partition_iid(len(records), num_sites, seed)
     groups = [r.group for r in records]
     if any(g is None for g in groups):
-        raise ValueError(
-            "config error in 'data.partition': dirichlet needs a group label on every record "
-            "(the field named by data.group_field). Add it to the data, or use data.partition=iid."
-        )
+        raise ConfigError("data.partition", "dirichlet needs a group label on every record "
+                          "(the field named by data.group_field)", "Add it to the data, or use data.partition=iid.")
     return partition_dirichlet([str(g) for g in groups], num_sites, alpha, seed)
 
 

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fedtune.config import ConfigError
 from fedtune.data.records import DataError
+from fedtune.errors import ConfigError
 
 log = logging.getLogger("fedtune")
 
@@ -162,16 +162,14 @@ def fingerprint_main(argv: list[str]) -> None:
                         help="the run's model settings if not the defaults, e.g. model.task=classification "
                              "model.num_labels=2 (the classification head is part of the base model)")
     args = parser.parse_args(argv)
-    from omegaconf import OmegaConf
-
-    from fedtune.config import FedtuneConfig, validate
+    from fedtune.config import FedtuneConfig, load_structured
     from fedtune.deploy.site_config import load_site_config
     from fedtune.models import build_fingerprinted_model
+    from fedtune.validation import validate
 
     try:
         site = load_site_config(args.site_config)
-        cfg: FedtuneConfig = OmegaConf.to_object(OmegaConf.merge(  # type: ignore[assignment]
-            OmegaConf.structured(FedtuneConfig), OmegaConf.from_dotlist(list(args.overrides))))
+        cfg = load_structured(FedtuneConfig, overrides=args.overrides)
         cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
         cfg.secagg.enabled = False
         validate(cfg)

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from fedtune.config import ConfigError
+from fedtune.config import load_structured
 from fedtune.deploy import pki
 from fedtune.deploy.site_config import is_site_id
+from fedtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,12 @@ def save_federation(paths: FederationPaths, fed: Federation) -> None:
 
 
 def load_federation(root: str | Path) -> tuple[FederationPaths, Federation]:
-    from omegaconf import OmegaConf
-
     paths = FederationPaths(Path(root).expanduser().resolve())
     if not paths.federation_file.is_file():
         raise ConfigError("--federation", f"{paths.root} has no {FEDERATION_FILE}",
                           "Create the federation first: fedtune init-federation DIR --site SITE_ID=path/to/auth.pub ...")
-    merged = OmegaConf.merge(OmegaConf.structured(Federation), OmegaConf.load(paths.federation_file))
-    return paths, OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return paths, load_structured(Federation, paths.federation_file,
+                                  fix=f"{FEDERATION_FILE} is written by init-federation: undo the hand edit.")
 
 
 KEYGEN_HINT = ("Each site makes its own key pair with `fedtune client keygen --out DIR` and sends you only its "
@@ -397,10 +396,17 @@ def _enrol(paths: FederationPaths, fed: Federation, ca: pki.CertificateAuthority
     save_federation(paths, fed)
 
 
-def write_demo_data(paths: FederationPaths, fed: Federation, demo_records: int = 6000, seed: int = 0) -> None:
-    """Give every kit a ``data.jsonl``: its Dirichlet share of the built-in demo corpus.
+DEMO_EVAL_FILE = "eval.jsonl"
 
-    For trying a deployment on one machine; real sites point ``data.path`` at their own file.
+
+def write_demo_data(paths: FederationPaths, fed: Federation, demo_records: int = 6000, seed: int = 0) -> None:
+    """Give every kit a ``data.jsonl``: its Dirichlet share of the built-in demo corpus; and the
+    operator the corpus' held-out split as its own evaluation set (``operator/eval.jsonl``,
+    named as ``data.eval_path`` in server.yaml).
+
+    For trying a deployment on one machine; real sites point ``data.path`` at their own file,
+    and a real operator names a held-out file it may hold, or none (then the server does
+    not evaluate).
     """
     import json
 
@@ -408,8 +414,28 @@ def write_demo_data(paths: FederationPaths, fed: Federation, demo_records: int =
     from fedtune.config import DataConfig
     from fedtune.data import load_federated_data
 
+    def jsonl(records: list) -> str:
+        return "\n".join(json.dumps({"prompt": r.prompt, "response": r.response, "source": r.group})
+                         for r in records) + "\n"
+
     data = load_federated_data(DataConfig(demo_records=demo_records, seed=seed), len(fed.sites))
     for index, site in enumerate(fed.sites):
-        lines = [json.dumps({"prompt": r.prompt, "response": r.response, "source": r.group})
-                 for r in data.site_records(index)]
-        atomic_write_text(paths.kit(site.site_id) / "data.jsonl", "\n".join(lines) + "\n")
+        atomic_write_text(paths.kit(site.site_id) / "data.jsonl", jsonl(data.site_records(index)))
+    held_out = paths.operator_dir / DEMO_EVAL_FILE
+    atomic_write_text(held_out, jsonl(data.eval_records()))
+    _name_eval_file(paths.server_config, held_out)
+
+
+def _name_eval_file(server_config: Path, held_out: Path) -> None:
+    """Add ``data.eval_path`` to server.yaml unless it has a data section of its own (then say so)."""
+    import json
+
+    from fedtune.checkpoint import atomic_write_text
+
+    text = server_config.read_text(encoding="utf-8") if server_config.is_file() else ""
+    if any(line.startswith("data:") for line in text.splitlines()):
+        log.warning("%s has its own data section: add `eval_path: %s` to it for the server to evaluate",
+                    server_config, held_out)
+        return
+    atomic_write_text(server_config, text + "data:\n  # The server's held-out set (the demo corpus' split); null: "
+                      f"no server-side evaluation.\n  eval_path: {json.dumps(str(held_out))}\n")

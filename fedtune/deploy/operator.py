@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Optional
 
 from fedtune import __version__
-from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate
+from fedtune.config import FedtuneConfig, load_structured, to_dict
 from fedtune.deploy import pki, processes
 from fedtune.deploy.federation import Federation, FederationPaths, save_federation, secure_server_state
+from fedtune.errors import ConfigError
+from fedtune.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +46,10 @@ PUBLISHER = "fedtune"
 def load_server_config(paths: FederationPaths, fed: Federation, config_path: Optional[Path],
                        overrides: list[str]) -> FedtuneConfig:
     """server.yaml (+ overrides), validated before anything starts; outputs go to DIR/run."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     source = config_path or paths.server_config
-    try:
-        parts = [OmegaConf.structured(FedtuneConfig)]
-        if source.is_file():
-            parts.append(OmegaConf.load(source))
-        elif config_path is not None:
-            raise ConfigError("--config", f"{source} does not exist", "Pass an existing YAML file.")
-        parts.append(OmegaConf.from_dotlist(overrides))
-        cfg: FedtuneConfig = OmegaConf.to_object(OmegaConf.merge(*parts))  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or str(source)
-        raise ConfigError(str(key), str(exc).splitlines()[0], "Check the key and its type against configs/.") from None
+    if config_path is not None and not source.is_file():
+        raise ConfigError("--config", f"{source} does not exist", "Pass an existing YAML file.")
+    cfg = load_structured(FedtuneConfig, *([source] if source.is_file() else []), overrides=overrides)
     cfg.run_dir = str(paths.run_dir)
     if cfg.federation.round_timeout_s is None:
         # Real sites can vanish; never wait forever on one.

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from fedtune.config import ConfigError, FedtuneConfig, validate
+from fedtune.config import FedtuneConfig
 from fedtune.deploy.site_config import SiteConfig
+from fedtune.errors import ConfigError
 from fedtune.federation.protocol import REFUSED_RUN_CONFIG, Refusal
+from fedtune.validation import validate
 
 
 def _int(value: Any) -> bool:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ACCOUNTANTS, DATA_FORMATS, ConfigError, require
+from fedtune.config import ACCOUNTANTS, DATA_FORMATS, load_structured
+from fedtune.errors import ConfigError, require
 from fedtune.privacy.policy import SitePolicy, validate_policy
 
 SITE_FILE = "site.yaml"
@@ -151,21 +152,12 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
 
 def load_site_config(path: str | Path, overrides: Optional[list[str]] = None, check_files: bool = True) -> SiteConfig:
     """Read ``site.yaml`` (plus ``key=value`` overrides), type-check and validate it."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError("--site-config", f"{path} does not exist",
                           "Pass the site.yaml from your enrolment kit.")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SiteConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        site: SiteConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "site.yaml"
-        raise ConfigError(str(key), str(exc).splitlines()[0],
-                          "Check the key name and value type against the template in the enrolment kit.") from None
+    site = load_structured(SiteConfig, path, overrides=list(overrides or []),
+                           fix="Check the key name and value type against the template in the enrolment kit.")
     site.base_dir = str(path.parent)
     validate_site_config(site, check_files=check_files)
     return site

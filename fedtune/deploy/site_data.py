@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ConfigError
 from fedtune.data import Record, load_jsonl
 from fedtune.deploy.site_config import SiteConfig
+from fedtune.errors import ConfigError
 
 
 def site_num_labels(site: SiteConfig) -> Optional[int]:

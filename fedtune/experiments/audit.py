@@ -34,8 +34,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from fedtune.checkpoint import atomic_write_text, load_checkpoint
-from fedtune.config import ConfigError, FedtuneConfig
+from fedtune.config import FedtuneConfig
 from fedtune.data.records import Record
+from fedtune.errors import ConfigError
 from fedtune.experiments.bounds import epsilon_lower_bound
 from fedtune.experiments.engine import ENGINES
 from fedtune.experiments.sweep import INF, Setting, plan_runs, run_plans

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fedtune.config import ConfigError
 from fedtune.data.records import DataError
+from fedtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

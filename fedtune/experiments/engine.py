@@ -25,8 +25,9 @@ from typing import Iterable, Optional
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.config import FedtuneConfig, validate
+from fedtune.config import FedtuneConfig
 from fedtune.federation.server import ServerSummary
+from fedtune.validation import validate
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from fedtune.config import ConfigError, FedtuneConfig, to_dict, validate, validate_against_data
+from fedtune.config import FedtuneConfig, load_structured, to_dict
 from fedtune.checkpoint import atomic_write_text
+from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_federation
+from fedtune.validation import validate, validate_against_data
 
 log = logging.getLogger(__name__)
 
@@ -315,20 +317,7 @@ def reject_grid_overrides(overrides: Sequence[str]) -> None:
 
 def apply_overrides(base: FedtuneConfig, overrides: Sequence[str]) -> FedtuneConfig:
     """Hydra-style ``section.field=value`` overrides, type-checked against the schema."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     if not overrides:
         return base
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "is not an override of the form section.field=value",
-                              "Write e.g. federation.num_rounds=5 or train.learning_rate=0.02.")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "override"
-        raise ConfigError(str(key), str(exc).splitlines()[0],
-                          "Check the field name and its type against the configuration reference in README.md.") \
-            from None
+    return load_structured(base, overrides=overrides,
+                           fix="Check the field name and its type against the configuration reference in README.md.")

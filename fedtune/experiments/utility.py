@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fedtune.checkpoint import atomic_write_text
-from fedtune.config import PARTITIONS, STRATEGIES, ConfigError, FedtuneConfig, from_dict, to_dict
+from fedtune.config import PARTITIONS, STRATEGIES, FedtuneConfig, from_dict, to_dict
+from fedtune.errors import ConfigError
 from fedtune.experiments import plots, tables
 from fedtune.experiments.engine import ENGINES
 from fedtune.experiments.sweep import INF, expand_grid, plan_runs, run_plans

@@ -14,8 +14,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune import adapters
-from fedtune.config import ConfigError, FedtuneConfig
+from fedtune.config import FedtuneConfig
 from fedtune.data import Record
+from fedtune.errors import ConfigError
 from fedtune.federation import protocol
 from fedtune.federation.client import (
     SiteSettings,

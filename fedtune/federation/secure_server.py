@@ -19,12 +19,13 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedtune import adapters
-from fedtune.config import FedtuneConfig, secagg_parameters
+from fedtune.config import FedtuneConfig
 from fedtune.federation import exchange, protocol
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.secagg import protocol as secagg
 from fedtune.secagg.masks import Quantizer, ring_dtype
+from fedtune.secagg.parameters import secagg_parameters
 
 if TYPE_CHECKING:
     from fedtune.federation.server import RoundOutcome, SiteInfo

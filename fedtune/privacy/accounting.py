@@ -19,6 +19,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.accountant import IAccountant
 
+from fedtune.errors import ConfigError
+
 
 # Above this σ a step's RDP is below 1e-3 at every order and the update is pure noise;
 # Opacus' RDP series also slows down as σ grows (2 s per step at σ = 1e4) and never ends
@@ -72,7 +74,7 @@ def make_accountant(name: str) -> IAccountant:
         return RDPAccountant()
     if name == "prv":
         return PRVAccountant()
-    raise ValueError(f"config error in 'privacy.accountant': unknown accountant '{name}'. Use rdp or prv.")
+    raise ConfigError("privacy.accountant", f"unknown accountant '{name}'", "Use rdp or prv.")
 
 
 def epsilon(history: Sequence[Charge], delta: float, accountant: str = "rdp") -> float:

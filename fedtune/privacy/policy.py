@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from fedtune.config import ConfigError, require
+from fedtune.errors import ConfigError, require
 from fedtune.federation.protocol import (
     FINGERPRINT_HEX,
     MAX_LOCAL_STEPS,
@@ -108,5 +108,5 @@ def check_aggregation_size(num_sites: int, policy: SitePolicy) -> None:
         raise _refuse("min_other_sites", f"the round sums {num_sites} sites, fewer than 1 + {policy.min_other_sites}")
 
 
-__all__ = ["ConfigError", "SitePolicy", "check_aggregation_size", "check_base_model", "check_round",
+__all__ = ["SitePolicy", "check_aggregation_size", "check_base_model", "check_round",
            "validate_policy"]

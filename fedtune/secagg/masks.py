@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 
 
 def ring_dtype(bits: int) -> type:

@@ -1,0 +1,60 @@
+"""Validation of a whole run config: every section's rules, composed in one place.
+
+The section rules live beside their schema (:mod:`fedtune.config`) or beside the code
+whose limits they state (:mod:`fedtune.secagg.parameters`: the least number of sites,
+a ring that cannot wrap).  Composing them here, in a module nothing below it imports,
+keeps the config schema a leaf and secagg free of any cycle back to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedtune.config import (
+    FedtuneConfig,
+    validate_data,
+    validate_federation,
+    validate_model,
+    validate_privacy,
+    validate_task,
+    validate_train,
+)
+from fedtune.data.demo import speciality_names
+from fedtune.errors import require
+from fedtune.secagg.parameters import validate_secagg
+
+
+def validate(cfg: FedtuneConfig) -> None:
+    """Check every value that can be checked without the data; raise ConfigError.
+
+    Sections are checked in a fixed order, so a config with several mistakes always
+    names the same first one.
+    """
+    validate_privacy(cfg.privacy)
+    validate_train(cfg.train)
+    validate_federation(cfg.federation)
+    validate_task(cfg.model, cfg.data, demo_classes=len(speciality_names()))
+    validate_data(cfg.data, cfg.federation.num_sites)
+    if cfg.secagg.enabled:
+        validate_secagg(cfg)
+    validate_model(cfg.model)
+
+
+def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_records: int) -> None:
+    """Checks that need the partitioned data; run before any training starts."""
+    f, p = cfg.federation, cfg.privacy
+    require(f.num_sites <= total_records, "federation.num_sites",
+            f"{f.num_sites} sites but only {total_records} training records",
+            f"Use at most {total_records} sites, or more data.")
+    empty = [i for i, n in enumerate(site_sizes) if n == 0]
+    require(not empty, "federation.num_sites", f"sites {empty} received no records from the partitioner",
+            "Use fewer sites, a larger data.dirichlet_alpha, or data.partition=iid.")
+    if cfg.secagg.enabled:
+        require(max(site_sizes) <= cfg.secagg.max_weight, "secagg.max_weight",
+                f"a site holds {max(site_sizes)} records, above the masked weight bound {cfg.secagg.max_weight}",
+                f"Set secagg.max_weight to at least {max(site_sizes)}.")
+    if p.enabled:
+        largest = max(site_sizes)
+        require(p.delta < 1.0 / largest, "privacy.delta",
+                f"δ={p.delta} is not below 1/records={1.0 / largest:.3g} for a site with {largest} records",
+                f"Use δ < {1.0 / largest:.3g}, e.g. {10 ** math.floor(math.log10(0.1 / largest)):.0e}.")
