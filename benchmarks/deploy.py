@@ -9,7 +9,7 @@ on, the same data partition):
 2. ``fedtune.simulation.simulate`` (Flower's simulation engine, one process);
 3. a real deployment on 127.0.0.1 (``fedtune server``: SuperLink with TLS and node
    authentication; three ``fedtune client``: SuperNode + fedtune's executor), started and
-   stopped by :class:`fedtune.deploy.localhost.LocalFederation`.
+   stopped by ``LocalFederation`` (tests/localhost.py).
 
 Round 1 includes warm-up (imports, first model build in the executor or Ray worker) and is
 reported separately; the ratios use the mean of rounds 2.. .
@@ -273,7 +273,10 @@ def parse_site_log(text: str, site: str, rounds: int) -> dict[int, SiteRound]:
 
 
 def run_deployment(overrides: list[str], root: Path, timeout_s: float) -> Deployment:
-    from fedtune.deploy.localhost import LocalFederation
+    # The one-machine deployment harness is a test helper (tests/localhost.py), not part of
+    # the library: a benchmark run from a checkout borrows it from tests/.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from localhost import LocalFederation
 
     cfg = config_from(overrides)
     fed = LocalFederation(root, SITES, demo_records=cfg.data.demo_records)

@@ -75,7 +75,7 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is an optional extra
+    except ImportError:  # a dependency, but a run must not fail for a broken plotting install
         log.info("matplotlib not installed: no plots")
         return
     rounds = [r["round"] for r in rows]

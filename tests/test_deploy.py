@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from fedtune.checkpoint import load_checkpoint
-from fedtune.deploy.localhost import LocalFederation, free_port
 from fedtune.deploy.processes import flower_env
 from fedtune.privacy.ledger import PrivacyLedger
+
+from localhost import LocalFederation, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -227,7 +227,7 @@ def listening(forwarded: Gateway) -> Iterator[tuple[int, Gateway]]:
     """The gateway app served by uvicorn (plain HTTP) on 127.0.0.1, so requests go through its parser."""
     import uvicorn
 
-    from fedtune.deploy.localhost import free_port
+    from localhost import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(forwarded.app, host="127.0.0.1", port=port, log_level="warning",
@@ -298,7 +298,7 @@ def real_superlink(tmp_path: Path) -> Iterator[RealSuperLink]:
     import psutil
 
     from fedtune.deploy.federation import init_federation, load_federation
-    from fedtune.deploy.localhost import free_port
+    from localhost import free_port
     from fedtune.deploy.operator import SuperLink
     from fedtune.deploy.pki import node_auth_keypair, write_secret
 
@@ -373,7 +373,7 @@ def test_a_real_supernode_comes_online_through_the_gateway_and_nothing_it_sends_
     import signal
     import subprocess
 
-    from fedtune.deploy.localhost import free_port
+    from localhost import free_port
     from fedtune.deploy.processes import flower_env, tool
 
     caplog.set_level(logging.WARNING, logger=gateway.__name__)

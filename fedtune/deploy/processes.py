@@ -32,9 +32,10 @@ def flower_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # A LoRA adapter travels as one object per tensor (64 for a rank-64 adapter on 8 layers),
-    # and flwr moves objects two at a time by default: a 4 MiB adapter became ~35 sequential
-    # TLS round trips per site.  Eight in flight.
+    # A message travels as a tree of objects (message, records, arrays, each array cut into
+    # 5 MiB chunks), and flwr moves objects two at a time by default.  When each LoRA tensor
+    # was its own array a 4 MiB adapter took ~35 sequential TLS round trips per site; packed
+    # into one vector a large adapter still spans several chunks.  Eight in flight.
     env.setdefault("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS", str(OBJECT_CONCURRENCY))
     env.setdefault("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES", str(OBJECT_CONCURRENCY))
     env.update(extra or {})

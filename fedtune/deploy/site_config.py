@@ -19,8 +19,6 @@ from fedtune.config import ACCOUNTANTS, DATA_FORMATS, load_structured
 from fedtune.errors import ConfigError, require
 from fedtune.privacy.policy import SitePolicy, validate_policy
 
-SITE_FILE = "site.yaml"
-
 
 @dataclass
 class SiteData:

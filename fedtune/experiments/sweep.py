@@ -83,10 +83,6 @@ class Setting:
         return f"{head}-eps{eps}-seed{self.seed}"
 
 
-def format_epsilon(eps: float) -> str:
-    return "∞" if math.isinf(eps) else f"{eps:g}"
-
-
 def parse_epsilon(text: str) -> float:
     value = text.strip().lower()
     if value in ("inf", "infinity", "∞", "none"):

@@ -61,7 +61,12 @@ class SiteSettings:
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
-    """In simulation a site is named by its partition; a deployment sets ``site-id``."""
+    """In simulation a site is named by its partition (node config ``partition-id``).
+
+    fedtune's own deployment never comes here: ``fedtune client`` builds the site's settings
+    from its site.yaml (:func:`fedtune.apps.make_client_app`).  A plain Flower SuperNode may
+    still name its site and ledger with node config ``site-id`` and ``ledger-path``.
+    """
     node = context.node_config
     name = str(node["site-id"]) if "site-id" in node else f"site-{int(node['partition-id']):02d}"
     ledger = Path(str(node["ledger-path"])) if "ledger-path" in node else run_dir / "sites" / name / "ledger.sqlite"

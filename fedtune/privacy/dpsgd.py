@@ -61,7 +61,6 @@ class LocalTrainResult:
     steps: int
     mean_loss: float
     empty_batches: int
-    records_seen: int
 
 
 def _base_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
@@ -202,7 +201,7 @@ def train_locally(model: torch.nn.Module, examples: list[Example], params: DPSGD
     sampler = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     losses: list[float] = []
-    empty = seen = 0
+    empty = 0
     with DPSGDTrainer(model, params, num_records=len(examples), noise_seed=noise_seed) as trainer:
         for indices in poisson_batches(len(examples), params.sample_rate, params.steps, sampler):
             batch = collate([examples[i] for i in indices], pad_id) if indices else None
@@ -211,8 +210,7 @@ def train_locally(model: torch.nn.Module, examples: list[Example], params: DPSGD
             loss = trainer.step(batch)
             if indices:
                 losses.append(loss)
-                seen += len(indices)
             else:
                 empty += 1
     mean_loss = float(sum(losses) / len(losses)) if losses else math.nan
-    return LocalTrainResult(steps=params.steps, mean_loss=mean_loss, empty_batches=empty, records_seen=seen)
+    return LocalTrainResult(steps=params.steps, mean_loss=mean_loss, empty_batches=empty)

@@ -99,10 +99,6 @@ class PrivacyLedger:
                 rows = conn.execute(f"{query} WHERE site = ? ORDER BY id", (site,)).fetchall()
         return [Charge(round=r[0], noise_multiplier=r[1], sample_rate=r[2], steps=r[3]) for r in rows]
 
-    def sites(self) -> list[str]:
-        with closing(self._connect()) as conn:
-            return [r[0] for r in conn.execute("SELECT DISTINCT site FROM charges ORDER BY site")]
-
     def runs(self, site: Optional[str] = None) -> list[Optional[str]]:
         """The runs that charged ``site`` (``None``: any site), oldest first; ``None`` for unnamed charges."""
         where, args = (" WHERE site = ?", (site,)) if site is not None else ("", ())

@@ -65,11 +65,6 @@ def ring_add(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
     return out if bits in (32, 64) else out & ring_dtype(bits)(ring_mask(bits))
 
 
-def ring_sub(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
-    out = a - b
-    return out if bits in (32, 64) else out & ring_dtype(bits)(ring_mask(bits))
-
-
 @dataclass(frozen=True)
 class Quantizer:
     """Fixed-point encoding of ``n·Δ`` (Δ clipped to [-r, r]) and of the weight n.

@@ -2,7 +2,8 @@
 
 For the deployment tests and ``benchmarks/deploy.py``: each party is the real command
 (``fedtune server``, ``fedtune client``) in its own process group on 127.0.0.1, and is
-stopped or killed by its process id.  Nothing here is used by a real federation.
+stopped or killed by its process id.  A test harness, so it lives under tests/ and not in
+the library: nothing here is used by a real federation.
 """
 
 from __future__ import annotations
