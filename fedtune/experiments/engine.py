@@ -20,47 +20,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
-
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedtune.config import FedtuneConfig
+from fedtune.experiments.grid import InProcessGrid
 from fedtune.federation.server import ServerSummary
 from fedtune.validation import validate
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("inprocess", "flower")
-
-
-class InProcessGrid:
-    """The two Grid methods the server loop uses, delivering to ClientApps in this process.
-
-    Node contexts carry ``partition-id``/``num-partitions`` as Flower's simulation
-    engine sets them, so each ClientApp loads its own share of the data.
-    """
-
-    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        # Messages built inside a ClientApp read the task identity Flower's runtime sets.
-        TaskIdentity.run_id = 1
-        TaskIdentity.task_id = 1
-        TaskIdentity.node_id = 1
-        self.app = client_app
-        self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i,
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> list[Message]:
-        return [self.app(msg, self.contexts[msg.metadata.dst_node_id]) for msg in messages]
 
 
 def run_inprocess(cfg: FedtuneConfig) -> ServerSummary:
