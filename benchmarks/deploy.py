@@ -124,10 +124,10 @@ def calibrate(cfg) -> Calibration:
 def _calibrate(cfg) -> Calibration:
     from fedtune import adapters
     from fedtune.data import load_federated_data
-    from fedtune.data.encoding import encode_all
     from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
     from fedtune.privacy.dpsgd import DPSGDParams, train_locally
     from fedtune.strategies import make_strategy
+    from fedtune.tasks import get_task
 
     data = load_federated_data(cfg.data, cfg.federation.num_sites)
     largest = max(range(cfg.federation.num_sites), key=lambda i: len(data.site_records(i)))
@@ -139,14 +139,15 @@ def _calibrate(cfg) -> Calibration:
     state = adapters.lora_state(model, lora_parameter_names(model))
     adapters.load_lora_state(model, state)
     built = time.perf_counter()
-    examples = encode_all(records, tokenizer, cfg.data.max_length)
+    task = get_task(cfg.model.task)
+    examples = task.encode_all(records, tokenizer, cfg.data.max_length)
     encoded = time.perf_counter()
     set_trainable(model, lora_parameter_names(model))
     params = DPSGDParams(noise_multiplier=cfg.privacy.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
                          sample_rate=cfg.privacy.sample_rate, steps=cfg.train.local_steps,
                          learning_rate=cfg.train.learning_rate, optimizer=cfg.train.optimizer)
     trained_at = time.perf_counter()
-    train_locally(model, examples, params, tokenizer.pad_token_id, seed=1)
+    train_locally(task, model, examples, params, tokenizer.pad_token_id, seed=1)
     done = time.perf_counter()
     entries = sum(int(state[n].size) for n in names)
     return Calibration(entries, built - started, encoded - built, done - trained_at, len(records))

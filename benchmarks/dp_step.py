@@ -32,6 +32,7 @@ def worker(size: str, mode: str, steps: int, batch: int, seq: int) -> dict:
     from fedtune.data.encoding import Batch
     from fedtune.models import build_lora_model
     from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer
+    from fedtune.tasks import get_task
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg = ModelConfig(tiny=TinyModelConfig(**SIZES[size], max_position_embeddings=max(512, seq)))
@@ -42,7 +43,7 @@ def worker(size: str, mode: str, steps: int, batch: int, seq: int) -> dict:
     b = Batch(ids, torch.ones_like(ids), torch.ones_like(ids))
     params = DPSGDParams(1.0, 1.0, 0.5, steps, 1e-3, "adam", private=(mode != "plain"))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with DPSGDTrainer(model, params, num_records=2 * batch, noise_seed=0) as trainer:
+    with DPSGDTrainer(get_task(cfg.task), model, params, num_records=2 * batch, noise_seed=0) as trainer:
         if mode == "functorch":
             trainer._hooks.remove_hooks()
             trainer._hooks = GradSampleHooks(model, loss_reduction="mean", force_functorch=True)

@@ -8,29 +8,21 @@ config under a fixed seed (deterministic on CPU), so no weights are ever downloa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    ByT5Tokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.config import LoraSettings, ModelConfig, TinyModelConfig
+from fedtune.config import LoraSettings, ModelConfig
+from fedtune.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +41,29 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
-TINY_HEAD_STD = 0.3
-
-
 def build_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level tokenizer that needs no vocabulary file (UTF-8 bytes + 3 specials)."""
     return ByT5Tokenizer(extra_ids=0)
 
 
-def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int, num_labels: Optional[int] = None
-                     ) -> PreTrainedModel:
-    """The built-in tiny Llama: a causal LM, or (``num_labels``) a sequence classifier."""
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block under torch seed ``seed``, leaving the caller's generator state as it was.
+
+    Every newly initialised tensor (the tiny model, a classification head, LoRA's A) must be
+    the same at every party, and building a model must not shift anyone else's draws.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def build_tiny_model(task: Task[Any, Any], cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
+    """The built-in tiny Llama (shape ``cfg.tiny``), in the model class of ``task``, under ``cfg.seed``."""
+    tiny = cfg.tiny
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
@@ -73,59 +77,26 @@ def build_tiny_model(tiny: TinyModelConfig, vocab_size: int, seed: int, num_labe
         eos_token_id=1,
         bos_token_id=None,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if num_labels is not None:
-            config.num_labels = num_labels
-            # The classifier reads the last non-padding token; the body matches the LM's.
-            return LlamaForSequenceClassification(config)
-        model = LlamaForCausalLM(config)
-        # A random frozen head with the usual std of 0.02 caps every logit near ±1.3,
-        # so no adapter could make the model confident (loss floor ~4.5 nats/byte).
-        # A wider head gives LoRA the range that a pretrained head would.
-        with torch.no_grad():
-            model.lm_head.weight.normal_(0.0, TINY_HEAD_STD)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model
-
-
-def is_classifier(cfg: ModelConfig) -> bool:
-    return cfg.task == "classification"
+    with seeded(cfg.seed):
+        return task.tiny_model(config, cfg)
 
 
 def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the frozen base model and its tokenizer, on CPU, in float32.
 
-    For ``model.task=classification`` the model carries a new classification head of
-    ``model.num_labels`` outputs, initialised under ``model.seed`` so that every party
-    starts from the same head (it is trained and averaged with the adapter).
+    The model class is the task's (``model.task``); a head the task adds (a classifier's)
+    is initialised under ``model.seed`` so that every party starts from the same head (it
+    is trained and averaged with the adapter).
     """
-    num_labels = cfg.num_labels if is_classifier(cfg) else None
-    if cfg.path is None:
-        tokenizer = build_tokenizer()
-        model = build_tiny_model(cfg.tiny, vocab_size=len(tokenizer), seed=cfg.seed, num_labels=num_labels)
-    else:
-        path = Path(cfg.path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # safetensors weights are memory-mapped by from_pretrained; float32 because
-        # DP noise added to low-precision gradients is rounded away.
-        if num_labels is None:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(cfg.seed)
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
-                                                                           num_labels=num_labels)
-            finally:
-                torch.random.set_rng_state(generator_state)
+    task = get_task(cfg.task)
+    tokenizer = build_tokenizer() if cfg.path is None else AutoTokenizer.from_pretrained(Path(cfg.path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if num_labels is not None and getattr(model.config, "pad_token_id", None) is None:
-        # The classifier finds each record's last real token through the padding id.
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.path is None:
+        model = build_tiny_model(task, cfg, vocab_size=len(tokenizer))
+    else:
+        with seeded(cfg.seed):
+            model = task.pretrained_model(Path(cfg.path), cfg, tokenizer)
     for param in model.parameters():
         param.requires_grad_(False)
     return model, tokenizer
@@ -145,13 +116,13 @@ def target_modules_for(model: PreTrainedModel, lora: LoraSettings) -> list[str]:
     )
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0, task_type: str = "CAUSAL_LM"
-                ) -> PeftModel:
+def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int, task_type: str) -> PeftModel:
     """Wrap the base model with LoRA; the adapter's initial A is a function of ``seed``.
 
     The seed matters for FFA-LoRA, where A stays at this shared initialisation forever.
-    With ``task_type="SEQ_CLS"`` peft also makes the classification head (``score`` or
-    ``classifier``) a trained, saved module next to the LoRA tensors.
+    ``task_type`` is the task's (``Task.peft_task_type``): with ``"SEQ_CLS"`` peft also makes
+    the classification head (``score`` or ``classifier``) a trained, saved module next to
+    the LoRA tensors.
     """
     config = LoraConfig(
         r=lora.rank,
@@ -162,13 +133,8 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int = 0, task_
         bias="none",
         task_type=task_type,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed + 1)
-    try:
-        peft_model = get_peft_model(model, config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return peft_model
+    with seeded(seed + 1):
+        return get_peft_model(model, config)
 
 
 def build_lora_model(cfg: ModelConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
@@ -187,8 +153,8 @@ class FingerprintedModel:
 def build_fingerprinted_model(cfg: ModelConfig) -> FingerprintedModel:
     model, tokenizer = load_base_model(cfg)
     fingerprint = base_fingerprint(model, tokenizer)
-    task_type = "SEQ_CLS" if is_classifier(cfg) else "CAUSAL_LM"
-    return FingerprintedModel(attach_lora(model, cfg.lora, seed=cfg.seed, task_type=task_type), tokenizer, fingerprint)
+    lora = attach_lora(model, cfg.lora, seed=cfg.seed, task_type=get_task(cfg.task).peft_task_type)
+    return FingerprintedModel(lora, tokenizer, fingerprint)
 
 
 def base_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:

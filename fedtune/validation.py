@@ -2,8 +2,10 @@
 
 The section rules live beside their schema (:mod:`fedtune.config`) or beside the code
 whose limits they state (:mod:`fedtune.secagg.parameters`: the least number of sites,
-a ring that cannot wrap).  Composing them here, in a module nothing below it imports,
-keeps the config schema a leaf and secagg free of any cycle back to it.
+a ring that cannot wrap) or beside the task they concern (``Task.check_config`` in
+:mod:`fedtune.tasks`: the record format and classes a task needs).  Composing them here,
+in a module nothing below it imports, keeps the config schema a leaf and secagg free of
+any cycle back to it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from fedtune.config import (
     validate_task,
     validate_train,
 )
-from fedtune.data.demo import speciality_names
 from fedtune.errors import require
 from fedtune.secagg.parameters import validate_secagg
+from fedtune.tasks import get_task
 
 
 def validate(cfg: FedtuneConfig) -> None:
@@ -33,7 +35,8 @@ def validate(cfg: FedtuneConfig) -> None:
     validate_privacy(cfg.privacy)
     validate_train(cfg.train)
     validate_federation(cfg.federation)
-    validate_task(cfg.model, cfg.data, demo_classes=len(speciality_names()))
+    validate_task(cfg.model, cfg.data)
+    get_task(cfg.model.task).check_config(cfg.model, cfg.data)
     validate_data(cfg.data, cfg.federation.num_sites)
     if cfg.secagg.enabled:
         validate_secagg(cfg)

@@ -10,13 +10,13 @@ import torch
 
 from fedtune.config import FedtuneConfig
 from fedtune.data import DataError, load_federated_data, load_jsonl
-from fedtune.data.encoding import collate, encode_all
 from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_inprocess
 from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer
-from fedtune.validation import validate
 from fedtune.strategies import FFALoRA
+from fedtune.tasks import get_task
+from fedtune.validation import validate
 
 from conftest import SHARED_DATA, tiny_config
 
@@ -69,15 +69,16 @@ def test_head_is_trained_averaged_and_clipped_per_record(tmp_path: Path) -> None
     assert not any(".lora_A." in n for n in ffa)
     set_trainable(model, names)
     data = load_federated_data(cfg.data, 1)
-    examples = encode_all(data.site_records(0)[:4], tokenizer, cfg.data.max_length)
+    task = get_task(cfg.model.task)
+    examples = task.encode_all(data.site_records(0)[:4], tokenizer, cfg.data.max_length)
     assert all(e.label is not None and e.input_ids[-1] == tokenizer.eos_token_id for e in examples)
     params = DPSGDParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, learning_rate=0.01)
-    with DPSGDTrainer(model, params, num_records=4, noise_seed=0) as trainer:
-        grads = trainer.per_record_gradients(collate(examples, tokenizer.pad_token_id))
+    with DPSGDTrainer(task, model, params, num_records=4, noise_seed=0) as trainer:
+        grads = trainer.per_record_gradients(task.collate(examples, tokenizer.pad_token_id))
         assert set(grads) == set(names)
         assert grads[head[0]].shape[0] == 4 and float(grads[head[0]].abs().sum()) > 0
         # Record 0's gradient does not depend on its batch-mates.
-        alone = trainer.per_record_gradients(collate(examples[:1], tokenizer.pad_token_id))
+        alone = trainer.per_record_gradients(task.collate(examples[:1], tokenizer.pad_token_id))
         assert torch.allclose(alone[head[0]][0], grads[head[0]][0], atol=1e-5)
 
 

@@ -9,10 +9,11 @@ import pytest
 from fedtune.config import DataConfig
 from fedtune.data import DataError, load_federated_data, load_jsonl
 from fedtune.data.demo import demo_corpus, speciality_names
-from fedtune.data.encoding import collate, encode
+from fedtune.data.encoding import collate
 from fedtune.data.partition import partition_dirichlet, partition_iid
 from fedtune.data.records import Record
 from fedtune.models import build_tokenizer
+from fedtune.tasks import get_task
 
 
 def test_jsonl_text_and_instruction(tmp_path: Path) -> None:
@@ -38,7 +39,7 @@ def test_malformed_records_name_line_and_fix(tmp_path: Path, line: str, words: s
 
 def test_instruction_loss_is_on_the_response_only() -> None:
     tok = build_tokenizer()
-    ex = encode(Record("Question: ", "Yes"), tok, max_length=64)
+    ex = get_task("causal_lm").encode(Record("Question: ", "Yes"), tok, max_length=64)
     prompt_len = len("Question: ")
     assert ex.target_mask[:prompt_len] == (0,) * prompt_len
     assert ex.target_mask[prompt_len:] == (1,) * (len("Yes") + 1)  # + end-of-sequence
@@ -46,6 +47,7 @@ def test_instruction_loss_is_on_the_response_only() -> None:
 
 def test_right_padding_and_masks() -> None:
     tok = build_tokenizer()
+    encode = get_task("causal_lm").encode
     batch = collate([encode(Record("", "ab"), tok, 16), encode(Record("", "abcdef"), tok, 16)], tok.pad_token_id)
     assert batch.attention_mask.tolist()[0] == [1, 1, 1, 0, 0, 0, 0]
     assert batch.target_mask.tolist()[0][3:] == [0, 0, 0, 0]

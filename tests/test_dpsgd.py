@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from fedtune.config import FedtuneConfig
-from fedtune.data.encoding import collate, encode_all, per_record_loss
 from fedtune.data.records import Record
 from fedtune.models import build_lora_model
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer, poisson_batches, train_locally
 
+from fedtune.tasks import get_task
 TEXTS = ["a", "short note", "a somewhat longer clinical note about chest pain", "mid length text here"]
+LM = get_task("causal_lm")
 
 
 def _model_and_batch(tiny_cfg: FedtuneConfig):
@@ -24,7 +25,7 @@ def _model_and_batch(tiny_cfg: FedtuneConfig):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    examples = encode_all([Record("", t) for t in TEXTS], tok, max_length=64)
+    examples = LM.encode_all([Record("", t) for t in TEXTS], tok, max_length=64)
     assert len({len(e.input_ids) for e in examples}) == len(examples)  # padding differs per record
     return model, tok, examples
 
@@ -41,11 +42,11 @@ def test_per_record_gradients_match_single_record_backward(tiny_cfg: FedtuneConf
     expected = []
     for ex in examples:
         model.zero_grad(set_to_none=True)
-        per_record_loss(model, collate([ex], tok.pad_token_id)).sum().backward()
+        LM.per_record_loss(model, LM.collate([ex], tok.pad_token_id)).sum().backward()
         expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
-    with DPSGDTrainer(model, _params(0.0, 1e6), num_records=len(examples)) as trainer:
-        got = trainer.per_record_gradients(collate(examples, tok.pad_token_id))
+    with DPSGDTrainer(LM, model, _params(0.0, 1e6), num_records=len(examples)) as trainer:
+        got = trainer.per_record_gradients(LM.collate(examples, tok.pad_token_id))
     for i in range(len(examples)):
         for n in names:
             torch.testing.assert_close(got[n][i], expected[i][n], atol=2e-6, rtol=1e-4)
@@ -54,28 +55,28 @@ def test_per_record_gradients_match_single_record_backward(tiny_cfg: FedtuneConf
 def test_huggingface_batch_mean_loss_would_couple_records(tiny_cfg: FedtuneConfig) -> None:
     """The trap our per-record loss avoids: token-averaged batch loss changes with batch-mates."""
     model, tok, examples = _model_and_batch(tiny_cfg)
-    batch = collate(examples, tok.pad_token_id)
+    batch = LM.collate(examples, tok.pad_token_id)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     hf_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
-    ours = per_record_loss(model, batch).mean()
+    ours = LM.per_record_loss(model, batch).mean()
     assert not math.isclose(float(hf_loss), float(ours), rel_tol=1e-3)
 
 
 def test_each_record_contribution_is_clipped(tiny_cfg: FedtuneConfig) -> None:
     model, tok, examples = _model_and_batch(tiny_cfg)
     clip = 1e-3
-    with DPSGDTrainer(model, _params(0.0, clip), num_records=2) as trainer:
-        raw = trainer.per_record_gradients(collate(examples, tok.pad_token_id))
+    with DPSGDTrainer(LM, model, _params(0.0, clip), num_records=2) as trainer:
+        raw = trainer.per_record_gradients(LM.collate(examples, tok.pad_token_id))
         raw_norms = torch.stack([g.flatten(1).norm(dim=1) for g in raw.values()], 1).norm(dim=1)
         assert bool((raw_norms > clip).all())
         for ex in examples:
-            grads, _ = trainer.privatized_gradient(collate([ex], tok.pad_token_id))
+            grads, _ = trainer.privatized_gradient(LM.collate([ex], tok.pad_token_id))
             summed = math.sqrt(sum(float(g.square().sum()) for g in grads.values())) * trainer.expected_batch_size
             assert summed <= clip * (1 + 1e-4)
             assert summed == pytest.approx(clip, rel=1e-3)
-        grads, _ = trainer.privatized_gradient(collate(examples, tok.pad_token_id))
+        grads, _ = trainer.privatized_gradient(LM.collate(examples, tok.pad_token_id))
         total = math.sqrt(sum(float(g.square().sum()) for g in grads.values())) * trainer.expected_batch_size
         assert total <= len(examples) * clip * (1 + 1e-4)
 
@@ -83,7 +84,7 @@ def test_each_record_contribution_is_clipped(tiny_cfg: FedtuneConfig) -> None:
 def test_noise_has_configured_standard_deviation(tiny_cfg: FedtuneConfig) -> None:
     model, tok, _ = _model_and_batch(tiny_cfg)
     sigma, clip, n = 2.0, 0.5, 40
-    with DPSGDTrainer(model, DPSGDParams(sigma, clip, 0.25, 1, 0.1, "sgd"), num_records=n, noise_seed=1234) as tr:
+    with DPSGDTrainer(LM, model, DPSGDParams(sigma, clip, 0.25, 1, 0.1, "sgd"), num_records=n, noise_seed=1234) as tr:
         draws = []
         for _ in range(5):
             grads, loss = tr.privatized_gradient(None)  # empty batch: the gradient is pure noise
@@ -99,12 +100,12 @@ def test_empty_batches_are_stepped_and_hooks_are_removed(tiny_cfg: FedtuneConfig
     model, tok, examples = _model_and_batch(tiny_cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = DPSGDParams(1.0, 1.0, sample_rate=0.01, steps=5, learning_rate=0.1, optimizer="sgd")
-    result = train_locally(model, examples, params, tok.pad_token_id, seed=0, noise_seed=0)
+    result = train_locally(LM, model, examples, params, tok.pad_token_id, seed=0, noise_seed=0)
     assert result.empty_batches == 5 and math.isnan(result.mean_loss)
     after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert any(not torch.equal(before[n], after[n]) for n in before)  # noise was added: steps were taken
     assert not hasattr(model, "autograd_grad_sample_hooks")
-    train_locally(model, examples, params, tok.pad_token_id, seed=1)  # hooks can be attached again
+    train_locally(LM, model, examples, params, tok.pad_token_id, seed=1)  # hooks can be attached again
 
 
 def test_poisson_sampling_rate() -> None:

@@ -148,8 +148,9 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
                                                                          monkeypatch) -> None:
     """The evaluation after a checkpoint takes a while; a crash in it must not lose the round's row."""
     import fedtune.federation.server as server_module
+    from fedtune.tasks.causal_lm import CausalLM
 
-    real = server_module.evaluate_lm
+    real = CausalLM.evaluate
     calls = []
 
     def crash_on_round_one(*args, **kwargs):
@@ -158,7 +159,7 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
             raise KeyboardInterrupt("the server was stopped")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "evaluate_lm", crash_on_round_one)
+    monkeypatch.setattr(CausalLM, "evaluate", crash_on_round_one)
     run = Path(tiny_cfg.run_dir)
     with pytest.raises(KeyboardInterrupt):
         run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
@@ -167,7 +168,7 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
     pending = json.loads((run / server_module.PENDING_ROW).read_text())
     assert pending["round"] == 1 and pending["participants"] == ["site-00", "site-01", "site-02"]
 
-    monkeypatch.setattr(server_module, "evaluate_lm", real)
+    monkeypatch.setattr(CausalLM, "evaluate", real)
     summary = run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and [r["round"] for r in summary.rows] == [2]
@@ -181,9 +182,9 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
 def test_evaluation_of_a_round_runs_while_the_sites_train_the_next(tiny_cfg: FedtuneConfig, monkeypatch) -> None:
     import threading
 
-    import fedtune.federation.server as server_module
+    from fedtune.tasks.causal_lm import CausalLM
 
-    real = server_module.evaluate_lm
+    real = CausalLM.evaluate
     events: list[tuple[str, int]] = []
     first_eval_done = threading.Event()
 
@@ -203,7 +204,7 @@ def test_evaluation_of_a_round_runs_while_the_sites_train_the_next(tiny_cfg: Fed
                     first_eval_done.set()
             return super().send_and_receive(messages, timeout=timeout)
 
-    monkeypatch.setattr(server_module, "evaluate_lm", slow_eval)
+    monkeypatch.setattr(CausalLM, "evaluate", slow_eval)
     summary = run_server(WatchingGrid(make_client_app(tiny_cfg), 3), tiny_cfg, Path(tiny_cfg.run_dir),
                          show_progress=False)
     kinds = [kind for kind, _ in events]

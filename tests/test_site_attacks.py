@@ -183,10 +183,10 @@ def test_crafted_global_adapters_are_refused_before_the_ledger(server: HostileSe
 
 def test_a_non_finite_record_gradient_is_zeroed_not_an_error(tmp_path: Path) -> None:
     """The membership bit: a NaN that only one record's bytes reach must not change the outcome."""
-    from fedtune.data.encoding import encode_all
     from fedtune.data.records import Record
     from fedtune.models import lora_parameter_names, set_trainable
     from fedtune.privacy.dpsgd import DPSGDParams, train_locally
+    from fedtune.tasks import get_task
 
     cfg = HostileServer(write_site(tmp_path / "s")).cfg
     outcomes = []
@@ -197,10 +197,11 @@ def test_a_non_finite_record_gradient_is_zeroed_not_an_error(tmp_path: Path) -> 
         with torch.no_grad():  # what a crafted adapter did before the key-set check existed
             model.base_model.model.model.embed_tokens.weight[poisoned] = math.nan
         texts = [f"plain record {i}" for i in range(20)] + (["a record with a tilde ~ in it"] if holds_byte else [])
-        examples = encode_all([Record("", t) for t in texts], tokenizer, 64)
+        examples = get_task("causal_lm").encode_all([Record("", t) for t in texts], tokenizer, 64)
         set_trainable(model, lora_parameter_names(model))
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        train_locally(model, examples, DPSGDParams(1.0, 1.0, 1.0, 2, 0.01), tokenizer.pad_token_id, seed=1)
+        train_locally(get_task("causal_lm"), model, examples, DPSGDParams(1.0, 1.0, 1.0, 2, 0.01),
+                      tokenizer.pad_token_id, seed=1)
         after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         outcomes.append(all(torch.isfinite(after[n]).all() for n in after)
                         and any(not torch.equal(before[n], after[n]) for n in after))

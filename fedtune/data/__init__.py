@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.config import DataConfig
-from fedtune.data.demo import demo_classification_corpus, demo_corpus
 from fedtune.data.partition import partition, train_eval_split
 from fedtune.data.records import DataError, Record, load_jsonl
 
@@ -31,9 +30,9 @@ class FederatedData:
 
 def load_records(cfg: DataConfig) -> list[Record]:
     if cfg.path is None:
-        if cfg.format == "labelled":
-            return demo_classification_corpus(cfg.demo_records, seed=cfg.seed)
-        return demo_corpus(cfg.demo_records, seed=cfg.seed)
+        from fedtune.tasks import task_for_format  # the tasks build on this package's records
+
+        return task_for_format(cfg.format).demo_records(cfg)
     return load_jsonl(cfg.path, fmt=cfg.format, group_field=cfg.group_field, label_field=cfg.label_field,
                       label_names=cfg.label_names)
 

@@ -1,6 +1,7 @@
 """Site records read from JSONL, and their validation.
 
-One record is the privacy unit: one text, or one prompt/response pair.  A record
+One record is the privacy unit: one text, one prompt/response pair, one labelled text.
+How a JSON object becomes a record is the reading task's (:mod:`fedtune.tasks`).  A record
 that cannot be read is an error naming the file, the line and the fix, never a
 silent skip, because a silently dropped record changes what δ means.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 
 class DataError(ValueError):
@@ -31,57 +32,37 @@ class Record:
     label: Optional[int] = None
 
 
-def _label_from_json(obj: dict, label_field: str, label_names: Optional[Sequence[str]], where: str) -> int:
-    raw = obj.get(label_field)
-    names = list(label_names) if label_names is not None else None
-    if isinstance(raw, bool) or raw is None:
-        raise DataError(f'{where}: missing "{label_field}" field. Labelled records look like '
-                        f'{{"text": "...", "{label_field}": 1}} (set data.label_field if yours is named otherwise).')
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, str) and names is not None and raw in names:
-        return names.index(raw)
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        return int(raw)
-    # The label's value is not quoted: an error must never carry a record's content.
-    raise DataError(f'{where}: the "{label_field}" value is neither a class index nor one of data.label_names. '
-                    'Use integers 0..num_labels-1, or list the names in data.label_names.')
+@dataclass(frozen=True)
+class RecordSchema:
+    """How one data file's JSON objects are read: the format and the names of its fields.
+
+    The format names the task that reads the records (``Task.record_formats`` in
+    :mod:`fedtune.tasks`); the label fields matter to labelled records only.
+    """
+
+    fmt: str = "auto"
+    group_field: Optional[str] = None
+    label_field: str = "label"
+    label_names: Optional[Sequence[str]] = None
 
 
-def _record_from_json(obj: object, fmt: str, group_field: Optional[str], where: str,
-                      label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> Record:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. "
-                        'Write one object per line, e.g. {"text": "..."}.')
-    group = obj.get(group_field) if group_field else None
-    group = None if group is None else str(group)
-    if fmt == "auto":
-        fmt = "instruction" if "prompt" in obj or "response" in obj else "text"
-    if fmt == "labelled":
-        text = obj.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f'{where}: missing or empty "text" field. Labelled records look like '
-                            f'{{"text": "...", "{label_field}": 1}}.')
-        label = _label_from_json(obj, label_field, label_names, where)
-        # Without a group label, the Dirichlet partitioner skews sites by class.
-        return Record(prompt="", response=text, group=group if group is not None else str(label), label=label)
-    if fmt == "text":
-        text = obj.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f'{where}: missing or empty "text" field. '
-                            'Plain-text records look like {"text": "..."}; instruction records like '
-                            '{"prompt": "...", "response": "..."} (set data.format accordingly).')
-        return Record(prompt="", response=text, group=group)
-    prompt, response = obj.get("prompt"), obj.get("response")
-    if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
-        raise DataError(f'{where}: instruction records need string "prompt" and non-empty "response" fields, '
-                        'e.g. {"prompt": "Summarise: ...", "response": "..."}.')
-    return Record(prompt=prompt, response=response, group=group)
+def record_group(obj: dict[str, Any], schema: RecordSchema) -> Optional[str]:
+    """The record's partitioning group (e.g. a speciality), as a string, or None."""
+    group = obj.get(schema.group_field) if schema.group_field else None
+    return None if group is None else str(group)
 
 
 def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] = None,
                label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> list[Record]:
-    """Read every record of a JSONL file; raise DataError on the first malformed line."""
+    """Read every record of a JSONL file; raise DataError on the first malformed line.
+
+    Each object is turned into a record by the task that reads ``fmt``, so a new task's
+    record format needs no change here.
+    """
+    from fedtune.tasks import task_for_format  # the tasks build on this module's Record
+
+    schema = RecordSchema(fmt, group_field, label_field, label_names)
+    task = task_for_format(fmt)
     path = Path(path)
     records: list[Record] = []
     with path.open("rb") as handle:
@@ -98,7 +79,10 @@ def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] =
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from None
-            records.append(_record_from_json(obj, fmt, group_field, where, label_field, label_names))
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. "
+                                'Write one object per line, e.g. {"text": "..."}.')
+            records.append(task.parse_record(obj, schema, where))
     if not records:
         raise DataError(f"{path}: no records. Give a JSONL file with one JSON object per line.")
     return records

@@ -20,6 +20,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.deploy.site_config import SiteConfig
 from fedtune.errors import ConfigError
 from fedtune.federation.protocol import REFUSED_RUN_CONFIG, Refusal
+from fedtune.tasks import get_task
 from fedtune.validation import validate
 
 
@@ -122,9 +123,10 @@ def site_run_config(raw: str, site: SiteConfig) -> FedtuneConfig:
     cfg.train.seed = None
     # The secure-aggregation parameters of a round travel in its stage messages.
     cfg.secagg.enabled = False
-    if cfg.model.task == "classification" and cfg.data.format == "auto":
-        cfg.data.format = "labelled"
     try:
+        if cfg.data.format == "auto":
+            # The site's "auto" reads the run's task's own default format (a classifier's: labelled).
+            cfg.data.format = get_task(cfg.model.task).record_formats[0]
         validate(cfg)
     except ConfigError as exc:
         raise _refuse(f"the run's settings do not validate here: field {exc.field}") from None

@@ -29,13 +29,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from fedtune.checkpoint import atomic_write_text, load_checkpoint
 from fedtune.config import FedtuneConfig
-from fedtune.data.records import Record
+from fedtune.data.records import RecordSchema
 from fedtune.errors import ConfigError
 from fedtune.experiments.bounds import epsilon_lower_bound
 from fedtune.experiments.engine import ENGINES
@@ -140,20 +140,13 @@ def make_canaries(m: int, length: int, seed: int) -> tuple[list[str], np.ndarray
     return canaries, included
 
 
-def canary_labels(m: int, num_labels: int, seed: int) -> np.ndarray:
-    """Random classes for classification canaries: a record the model can only fit by memorising it."""
-    return np.random.default_rng([seed, 3]).integers(0, num_labels, size=m)
-
-
 def write_canaries(path: Path, canaries: Sequence[str], included: Optional[np.ndarray] = None,
-                   labels: Optional[Sequence[int]] = None, label_field: str = "label") -> None:
-    """JSONL readable in every data.format ("text", or an instruction with an empty prompt;
-    "labelled" when ``labels`` are given)."""
+                   fields: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
+    """JSONL readable in every text format ("text", or an instruction with an empty prompt), plus
+    the fields the run's task adds to each canary (``Task.canary_fields``: a classifier's class)."""
     lines = []
     for i, text in enumerate(canaries):
-        row: dict[str, Any] = {"text": text, "prompt": "", "response": text}
-        if labels is not None:
-            row[label_field] = int(labels[i])
+        row: dict[str, Any] = {"text": text, "prompt": "", "response": text, **(fields[i] if fields else {})}
         if included is not None:
             row["included"] = bool(included[i])
         lines.append(json.dumps(row))
@@ -161,26 +154,29 @@ def write_canaries(path: Path, canaries: Sequence[str], included: Optional[np.nd
 
 
 def canary_losses(cfg: FedtuneConfig, texts: Sequence[str], state: Optional[dict[str, np.ndarray]],
-                  labels: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Each canary's loss under the adapter ``state`` (None: the initial adapter): mean per-token
-    loss, or with ``labels`` (classification) the cross-entropy of its class."""
+                  fields: Optional[Sequence[Mapping[str, Any]]] = None) -> np.ndarray:
+    """Each canary's own loss (``Task.per_record_loss``) under the adapter ``state`` (None: the
+    initial adapter), read as the sites read it: mean per-token loss, or a class's cross-entropy."""
     import torch
 
     from fedtune import adapters
-    from fedtune.data.encoding import collate, encode_all, per_record_loss
     from fedtune.models import build_lora_model
+    from fedtune.tasks import get_task
 
+    task = get_task(cfg.model.task)
     model, tokenizer = build_lora_model(cfg.model)
     if state is not None:
         adapters.load_lora_state(model, state)
     model.eval()
-    examples = encode_all([Record(prompt="", response=t, label=None if labels is None else int(labels[i]))
-                           for i, t in enumerate(texts)], tokenizer, cfg.data.max_length)
+    schema = RecordSchema(cfg.data.format, None, cfg.data.label_field, cfg.data.label_names)
+    records = [task.parse_record({"text": t, "prompt": "", "response": t, **(fields[i] if fields else {})}, schema,
+                                 f"canary {i}") for i, t in enumerate(texts)]
+    examples = task.encode_all(records, tokenizer, cfg.data.max_length)
     losses = []
     with torch.no_grad():
         for start in range(0, len(examples), 64):
-            batch = collate(examples[start:start + 64], tokenizer.pad_token_id)
-            losses.append(per_record_loss(model, batch).numpy())
+            batch = task.collate(examples[start:start + 64], tokenizer.pad_token_id)
+            losses.append(task.per_record_loss(model, batch).numpy())
     return np.concatenate(losses).astype(float)
 
 
@@ -255,16 +251,15 @@ def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: boo
     """Train one federation per ε with the same canaries; write the audit report; return its runs."""
     from fedtune.experiments.plots import plot_score_histograms
 
+    from fedtune.tasks import get_task
     validate_spec(spec, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     canaries, included = make_canaries(spec.canaries, spec.canary_length, spec.seed)
-    labels = (canary_labels(spec.canaries, base.model.num_labels, spec.seed)
-              if base.model.task == "classification" else None)
-    write_canaries(out_dir / "canaries.jsonl", canaries, included, labels, base.data.label_field)
+    fields = get_task(base.model.task).canary_fields(spec.canaries, base.model, base.data, spec.seed)
+    write_canaries(out_dir / "canaries.jsonl", canaries, included, fields)
     inserted = out_dir / "inserted_canaries.jsonl"
     keep = np.flatnonzero(included)
-    write_canaries(inserted, [canaries[i] for i in keep], None, None if labels is None else labels[keep],
-                   base.data.label_field)
+    write_canaries(inserted, [canaries[i] for i in keep], None, [fields[i] for i in keep])
 
     base = dataclasses.replace(base, data=dataclasses.replace(base.data, canary_path=str(inserted.resolve())))
     settings = [Setting(eps, base.federation.strategy, base.federation.num_sites, base.data.partition, spec.seed,
@@ -279,7 +274,7 @@ def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: boo
     for setting, cfg in plans:
         run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]
         checkpoint = load_checkpoint(run_dir / "checkpoint")
-        scores = canary_losses(cfg, canaries, checkpoint[1] if checkpoint else None, labels)
+        scores = canary_losses(cfg, canaries, checkpoint[1] if checkpoint else None, fields)
         runs.append({
             "key": setting.key,
             "epsilon_target": "inf" if math.isinf(setting.epsilon) else setting.epsilon,

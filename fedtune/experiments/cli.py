@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fedtune.config import TASKS
 from fedtune.data.records import DataError
 from fedtune.errors import ConfigError
 
@@ -46,7 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="flower: Flower's simulation engine (Ray), default for full size; inprocess: the "
                              "same ServerApp/ClientApp code without Ray, default for --quick")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--task", choices=("causal_lm", "classification"), default=None,
+    parser.add_argument("--task", choices=TASKS, default=None,
                         help="classification: a sequence-classification head with LoRA over labelled records "
                              "(the demo corpus's specialities by default); sets model.task and data.format")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",

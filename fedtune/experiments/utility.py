@@ -81,21 +81,17 @@ def harness_defaults(cfg: FedtuneConfig) -> FedtuneConfig:
 
 
 def set_task(cfg: FedtuneConfig, task: str) -> FedtuneConfig:
-    """``--task classification``: a classification head over labelled records.
+    """``--task NAME``: the task's settings on the base config (``Task.configure``).
 
-    On the demo corpus the labels are the six specialities; for a JSONL file set
-    model.num_labels (and data.label_names for string labels) as overrides.
+    For classification on the demo corpus the labels are the six specialities; for a JSONL
+    file set model.num_labels (and data.label_names for string labels) as overrides.
     """
-    if task == "classification":
-        from fedtune.data.demo import speciality_names
+    from fedtune.tasks import REGISTRY
 
-        cfg.model.task = "classification"
-        cfg.data.format = "labelled"
-        if cfg.data.path is None:
-            cfg.model.num_labels = len(speciality_names())
-    elif task != "causal_lm":
-        raise ConfigError("--task", f"'{task}' is not causal_lm or classification",
-                          "Use --task causal_lm (default) or --task classification.")
+    if task not in REGISTRY:
+        raise ConfigError("--task", f"'{task}' is not one of {', '.join(REGISTRY)}",
+                          f"Use --task with one of: {', '.join(REGISTRY)}.")
+    REGISTRY[task].configure(cfg)
     return cfg
 
 

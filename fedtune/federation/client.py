@@ -24,13 +24,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedtune import adapters
 from fedtune.config import FedtuneConfig
 from fedtune.data import Record, load_federated_data
-from fedtune.data.encoding import encode_all
 from fedtune.federation import protocol
-from fedtune.models import FingerprintedModel, is_classifier, lora_parameter_names, set_trainable, site_model
+from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainable, site_model
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
+from fedtune.tasks import get_task
 from fedtune.strategies import make_strategy
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,9 @@ def check_site_data(records: list[Record], cfg: FedtuneConfig, site: SiteSetting
         raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, f"δ={site.delta:g} is not below 1/records")
     if max_weight is not None and len(records) > max_weight:
         raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "the site's record count exceeds secagg.max_weight")
-    if is_classifier(cfg.model):
-        own = site.num_labels
-        if own is not None and own != cfg.model.num_labels:
-            raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, f"the run has {cfg.model.num_labels} classes, this "
-                                   f"site's data {own}")
-        if own is None and any(r.label is None or not 0 <= r.label < cfg.model.num_labels for r in records):
-            raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "a record's label is outside model.num_labels")
+    problem = get_task(cfg.model.task).site_data_problem(records, cfg.model, site.num_labels)
+    if problem is not None:
+        raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, problem)
 
 
 def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig,
@@ -215,7 +211,8 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     set_trainable(model, trained)
     # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
     model.to(site.device)
-    examples = encode_all(records, tokenizer, cfg.data.max_length)
+    task = get_task(cfg.model.task)
+    examples = task.encode_all(records, tokenizer, cfg.data.max_length)
     seed = cfg.train.seed if site.accept_seed else None
     sample_seed = secrets.randbits(63) if seed is None else stable_seed(seed, site.name, rc.round, "sampling")
     noise_seed = None if seed is None else stable_seed(seed, site.name, rc.round, "noise")
@@ -223,7 +220,8 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
         noise_multiplier=rc.noise_multiplier, max_grad_norm=rc.max_grad_norm, sample_rate=rc.sample_rate,
         steps=rc.local_steps, learning_rate=rc.learning_rate, optimizer=rc.optimizer, private=rc.private,
     )
-    result = train_locally(model, examples, params, tokenizer.pad_token_id, seed=sample_seed, noise_seed=noise_seed)
+    result = train_locally(task, model, examples, params, tokenizer.pad_token_id, seed=sample_seed,
+                           noise_seed=noise_seed)
 
     local_state = adapters.lora_state(model, trained)
     delta = adapters.subtract(local_state, {n: prepared.global_state[n] for n in trained})

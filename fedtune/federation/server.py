@@ -28,14 +28,13 @@ from fedtune import adapters, reporting
 from fedtune.checkpoint import append_jsonl, atomic_write_text, atomic_replace_dir, load_checkpoint, save_checkpoint
 from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
-from fedtune.data.encoding import encode_all
-from fedtune.evaluate import evaluate_lm
 from fedtune.federation import exchange, protocol
 from fedtune.secagg.protocol import MIN_SITES
 from fedtune.models import build_fingerprinted_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.strategies import make_strategy
+from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +338,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     spec = adapters.UpdateSpec({n: global_state[n].shape for n in aggregated}, fed.max_update_bytes)
 
     data = load_federated_data(cfg.data, fed.num_sites)
-    eval_examples = encode_all(data.eval_records(), tokenizer, cfg.data.max_length)
+    task = get_task(cfg.model.task)
+    eval_examples = task.encode_all(data.eval_records(), tokenizer, cfg.data.max_length)
     pad_id = tokenizer.pad_token_id
     ledger = PrivacyLedger(ledger_path or run_dir / "server_ledger.sqlite", accountant=cfg.privacy.accountant,
                            run=run_id_of(run_dir))
@@ -361,7 +361,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
 
     eval_started = time.perf_counter()
     adapters.load_lora_state(model, global_state)
-    baseline = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+    baseline = task.evaluate(model, eval_examples, pad_id, cfg.train.eval_batch_size)
     log.info("held-out loss before round %d: %.4f (perplexity %.2f)", start_round, baseline.loss, baseline.perplexity)
     _finish_interrupted_round(run_dir, start_round - 1, model, global_state, baseline,
                               time.perf_counter() - eval_started, show_progress)
@@ -375,7 +375,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             save_adapter(model, state, adapter_dir)
         started = time.perf_counter()
         adapters.load_lora_state(model, state)
-        result = evaluate_lm(model, eval_examples, pad_id, cfg.train.eval_batch_size)
+        result = task.evaluate(model, eval_examples, pad_id, cfg.train.eval_batch_size)
         done = _complete_row(row, result, time.perf_counter() - started, round_seconds)
         _record_row(run_dir, done, show_progress)
         rows.append(done)

@@ -5,8 +5,8 @@ the RDP/PRV accountants):
 
 1. every record joins the batch independently with probability q (Poisson
    sampling; a batch may be empty and still counts as a step);
-2. one gradient per record (Opacus per-sample hooks) of that record's own mean
-   token loss (see ``fedtune.data.encoding``);
+2. one gradient per record (Opacus per-sample hooks) of that record's own loss
+   (``Task.per_record_loss``, see ``fedtune.tasks``);
 3. each per-record gradient is clipped to L2 norm C over all trainable tensors;
 4. Gaussian noise N(0, σ²C²) is added to the sum, which is divided by the
    *expected* batch size qN (a public constant), then the base optimiser steps.
@@ -29,18 +29,17 @@ Two Opacus behaviours need care here and are handled in this file:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
-from fedtune.data.encoding import Batch, Example, collate, per_record_loss
+from fedtune.tasks import Task, TaskBatch
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +81,9 @@ class DPSGDTrainer:
     Use as a context manager: hooks are removed on exit, even after an error.
     """
 
-    def __init__(self, model: torch.nn.Module, params: DPSGDParams, num_records: int,
+    def __init__(self, task: Task[Any, Any], model: torch.nn.Module, params: DPSGDParams, num_records: int,
                  noise_seed: Optional[int] = None) -> None:
+        self.task = task
         self.model = model
         self.params = params
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -127,18 +127,18 @@ class DPSGDTrainer:
                     setattr(p, attr, None)
             p.grad = None
 
-    def _backward(self, batch: Optional[Batch]) -> float:
+    def _backward(self, batch: Optional[TaskBatch]) -> float:
         if batch is None or len(batch) == 0:
             for p in self.trainable:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             return math.nan
-        losses = per_record_loss(self.model, batch)
+        losses = self.task.per_record_loss(self.model, batch)
         losses.mean().backward()
         if self.params.private:
             zero_non_finite_records(self.trainable)
         return float(losses.detach().mean())
 
-    def per_record_gradients(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def per_record_gradients(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """Unclipped per-record gradients [B, ...] of each trainable tensor (no step)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._backward(batch)
@@ -146,7 +146,7 @@ class DPSGDTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
-    def privatized_gradient(self, batch: Optional[Batch]) -> tuple[dict[str, torch.Tensor], float]:
+    def privatized_gradient(self, batch: Optional[TaskBatch]) -> tuple[dict[str, torch.Tensor], float]:
         """Clipped, noised, scaled gradient for ``batch`` (``None``: empty batch), no step."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(batch)
@@ -157,7 +157,7 @@ class DPSGDTrainer:
                  for p in self.trainable}
         return grads, loss
 
-    def step(self, batch: Optional[Batch]) -> float:
+    def step(self, batch: Optional[TaskBatch]) -> float:
         """One DP-SGD step; returns the batch's mean record loss (NaN if empty)."""
         self.optimizer.zero_grad(set_to_none=True)
         if not self.params.private and (batch is None or len(batch) == 0):
@@ -189,24 +189,18 @@ def zero_non_finite_records(params: list[torch.nn.Parameter]) -> int:
     return bad
 
 
-def _on_device(batch: Batch, device: torch.device) -> Batch:
-    moved = {f.name: (v.to(device) if isinstance(v := getattr(batch, f.name), torch.Tensor) else v)
-             for f in dataclasses.fields(batch)}
-    return type(batch)(**moved)
-
-
-def train_locally(model: torch.nn.Module, examples: list[Example], params: DPSGDParams, pad_id: int,
-                  seed: int, noise_seed: Optional[int] = None) -> LocalTrainResult:
-    """Run ``params.steps`` DP-SGD steps on a site's examples."""
+def train_locally(task: Task[Any, Any], model: torch.nn.Module, examples: Sequence[Any], params: DPSGDParams,
+                  pad_id: int, seed: int, noise_seed: Optional[int] = None) -> LocalTrainResult:
+    """Run ``params.steps`` DP-SGD steps on a site's examples (encoded by ``task``)."""
     sampler = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     losses: list[float] = []
     empty = 0
-    with DPSGDTrainer(model, params, num_records=len(examples), noise_seed=noise_seed) as trainer:
+    with DPSGDTrainer(task, model, params, num_records=len(examples), noise_seed=noise_seed) as trainer:
         for indices in poisson_batches(len(examples), params.sample_rate, params.steps, sampler):
-            batch = collate([examples[i] for i in indices], pad_id) if indices else None
+            batch = task.collate([examples[i] for i in indices], pad_id) if indices else None
             if batch is not None and device.type != "cpu":
-                batch = _on_device(batch, device)
+                batch = batch.to(device)
             loss = trainer.step(batch)
             if indices:
                 losses.append(loss)
