@@ -26,12 +26,11 @@ from fedtune.config import FedtuneConfig
 from fedtune.data import Record, load_federated_data
 from fedtune.federation import protocol
 from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainable, site_model
-from fedtune.privacy.accounting import Charge
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
-from fedtune.tasks import get_task
 from fedtune.strategies import make_strategy
+from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +115,11 @@ def check_budget(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLe
     """
     if not site.require_privacy:
         return
-    decision = ledger.check(None, charge_of(rc), site.budget_epsilon, site.delta)
+    decision = ledger.check(None, rc.charge(), site.budget_epsilon, site.delta)
     if not decision.allowed:
         raise protocol.Refusal(protocol.REFUSED_BUDGET, (
             f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
             f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})"))
-
-
-def charge_of(rc: protocol.RoundConfig) -> Charge:
-    return Charge(round=rc.round, noise_multiplier=rc.noise_multiplier if rc.private else 0.0,
-                  sample_rate=rc.sample_rate, steps=rc.local_steps)
 
 
 @dataclass
@@ -199,7 +193,7 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     started = time.perf_counter()
     rc, ledger = prepared.rc, prepared.ledger
     # Charge first, durably: from here on the update may leave this site.
-    ledger.charge(site.name, charge_of(rc))
+    ledger.charge(site.name, rc.charge())
     epsilon_now = ledger.epsilon(None, site.delta)
 
     torch.set_num_threads(cfg.train.torch_threads)

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from fedtune.config import OPTIMIZERS, STRATEGIES
-from fedtune.privacy.accounting import MAX_NOISE_MULTIPLIER
+from fedtune.privacy.accounting import MAX_NOISE_MULTIPLIER, Charge
 
 # Message types: Flower routes "query" and "train" to the ClientApp's handlers.
 DESCRIBE = "query"
@@ -107,6 +107,16 @@ class RoundConfig:
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(asdict(self))
+
+    def charge(self) -> Charge:
+        """What this round costs a site that takes part, as both sides record it in their ledgers.
+
+        A non-private round is charged σ = 0 (ε = ∞) whatever σ it carries: the site did
+        not add noise, so no finite ε may ever be claimed for it.  The server builds its
+        non-private rounds with σ = 0 already, so both ledgers hold the same row.
+        """
+        return Charge(round=self.round, noise_multiplier=self.noise_multiplier if self.private else 0.0,
+                      sample_rate=self.sample_rate, steps=self.local_steps)
 
     @classmethod
     def from_record(cls, record: Any) -> "RoundConfig":
