@@ -140,6 +140,27 @@ def validate_update(record: ArrayRecord, weight: float, spec: UpdateSpec) -> Sta
     return checked_state(record, spec)
 
 
+def validate_masked_update(record: object, name: str, length: int, dtype: np.dtype, max_bytes: int) -> np.ndarray:
+    """The secure-aggregation counterpart of :func:`validate_update`: one masked ring vector.
+
+    Masked entries are uniform on the ring, so nothing about their values can be checked;
+    what can is checked before the vector enters the sum: exactly one array ``name``, a
+    vector of ``length`` entries of the ring's ``dtype``, at most ``max_bytes``.
+    """
+    if not isinstance(record, ArrayRecord) or set(record.keys()) != {name}:
+        raise UpdateRejected(f"not a masked update: expected one array '{name}'")
+    vector = record[name]
+    if tuple(vector.shape) != (length,) or vector.dtype != dtype.name:
+        raise UpdateRejected(f"masked vector of shape {tuple(vector.shape)} and dtype {vector.dtype}, expected "
+                             f"({length},) {dtype.name}")
+    if len(vector.data) > max_bytes:
+        raise UpdateRejected(f"payload of {len(vector.data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return vector.numpy()
+    except (TypeError, ValueError) as exc:
+        raise UpdateRejected(f"masked vector does not decode: {exc}") from None
+
+
 def validate_global_adapter(record: object, spec: UpdateSpec, max_abs: float) -> State:
     """A site's check of the server's global adapter: exactly its own model's tensors, bounded.
 
