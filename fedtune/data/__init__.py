@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
 
 from fedtune.config import DataConfig
 from fedtune.data.partition import partition, train_eval_split
-from fedtune.data.records import DataError, Record, load_jsonl
+from fedtune.data.records import DataError, Record, RecordSchema, read_jsonl_objects
 
 
 @dataclass
@@ -28,9 +30,27 @@ class FederatedData:
         return sum(len(s) for s in self.site_indices)
 
 
+def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] = None,
+               label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> list[Record]:
+    """Read every record of a JSONL file; raise DataError on the first malformed line.
+
+    Each object becomes a record by the task that reads ``fmt`` (``Task.parse_record``), so
+    a new task's record format needs no change here.
+    """
+    from fedtune.tasks import task_for_format  # the tasks build on fedtune.data.records
+
+    schema = RecordSchema(fmt, group_field, label_field, label_names)
+    task = task_for_format(fmt)
+    path = Path(path)
+    records = [task.parse_record(obj, schema, where) for where, obj in read_jsonl_objects(path)]
+    if not records:
+        raise DataError(f"{path}: no records. Give a JSONL file with one JSON object per line.")
+    return records
+
+
 def load_records(cfg: DataConfig) -> list[Record]:
     if cfg.path is None:
-        from fedtune.tasks import task_for_format  # the tasks build on this package's records
+        from fedtune.tasks import task_for_format  # the tasks build on fedtune.data.records
 
         return task_for_format(cfg.format).demo_records(cfg)
     return load_jsonl(cfg.path, fmt=cfg.format, group_field=cfg.group_field, label_field=cfg.label_field,

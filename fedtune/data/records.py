@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 
 class DataError(ValueError):
@@ -52,19 +52,12 @@ def record_group(obj: dict[str, Any], schema: RecordSchema) -> Optional[str]:
     return None if group is None else str(group)
 
 
-def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] = None,
-               label_field: str = "label", label_names: Optional[Sequence[str]] = None) -> list[Record]:
-    """Read every record of a JSONL file; raise DataError on the first malformed line.
+def read_jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) for each non-blank line of a JSONL file; DataError on the first bad line.
 
-    Each object is turned into a record by the task that reads ``fmt``, so a new task's
-    record format needs no change here.
+    Whatever the record format, a line must be UTF-8 and one JSON object; ``where`` is
+    "file:line", for the reading task's own errors.
     """
-    from fedtune.tasks import task_for_format  # the tasks build on this module's Record
-
-    schema = RecordSchema(fmt, group_field, label_field, label_names)
-    task = task_for_format(fmt)
-    path = Path(path)
-    records: list[Record] = []
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"{path}:{lineno}"
@@ -82,7 +75,4 @@ def load_jsonl(path: str | Path, fmt: str = "auto", group_field: Optional[str] =
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}. "
                                 'Write one object per line, e.g. {"text": "..."}.')
-            records.append(task.parse_record(obj, schema, where))
-    if not records:
-        raise DataError(f"{path}: no records. Give a JSONL file with one JSON object per line.")
-    return records
+            yield where, obj
