@@ -66,6 +66,9 @@ def ensure_logging(level: str) -> None:
 def make_server_app(cfg: Optional[FedtuneConfig] = None,
                     on_done: Optional[Callable[[ServerSummary], None]] = None,
                     wait_timeout_s: Optional[float] = None) -> ServerApp:
+    """fedtune's ServerApp.  ``cfg`` given: a simulation, whose server may hold out a split of the
+    pooled data; None: a deployment (``flwr run``), whose config arrives in the run config and
+    whose server evaluates only on ``data.eval_path``."""
     app = ServerApp()
 
     @app.main()
@@ -79,7 +82,10 @@ def make_server_app(cfg: Optional[FedtuneConfig] = None,
         summary = run_server(grid, config, run_dir_of(config),
                              wait_timeout_s=wait_timeout_s or fed.wait_for_sites_s,
                              round_timeout_s=fed.round_timeout_s, enrolled=enrolled,
-                             ledger_path=Path(raw_ledger) if raw_ledger else None)
+                             ledger_path=Path(raw_ledger) if raw_ledger else None,
+                             # A config handed over directly is a simulation's, whose data is pooled;
+                             # one from the run config is a deployment's, whose server holds no site data.
+                             pooled_data=cfg is not None)
         if on_done is not None:
             on_done(summary)
 

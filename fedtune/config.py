@@ -78,6 +78,10 @@ class DataConfig:
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     eval_fraction: float = 0.1
+    # A local JSONL file of held-out records the *server* evaluates on (same format and
+    # fields as data.path).  null: a simulation evaluates on the eval_fraction split of
+    # the pooled data; a deployment's server, which holds no site data, does not evaluate.
+    eval_path: Optional[str] = None
     max_length: int = 160
     demo_records: int = 6000
     seed: int = 0
@@ -244,6 +248,10 @@ def validate_data(d: DataConfig, num_sites: int) -> None:
                 "Point data.path at a local JSONL file, or set it to null for the built-in demo corpus.")
         require(path.stat().st_size > 0, "data.path", f"'{d.path}' is empty",
                 "Give a JSONL file with one record per line.")
+    if d.eval_path is not None:
+        require(Path(d.eval_path).is_file() and Path(d.eval_path).stat().st_size > 0, "data.eval_path",
+                f"'{d.eval_path}' is not a non-empty file",
+                "Point data.eval_path at the server's held-out JSONL file, or set it to null.")
     if d.canary_path is not None:
         require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
                 "Point data.canary_path at a JSONL file of canary records, or set it to null.")

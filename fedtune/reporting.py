@@ -23,8 +23,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def table_row(row: dict[str, Any]) -> str:
     return (f"{row['round']:>5} {len(row['participants']):>7} {len(row['refusals']):>7} "
-            f"{_fmt(row['train_loss'], '.4f'):>10} {_fmt(row['eval_loss'], '.4f'):>9} "
-            f"{_fmt(row['eval_perplexity'], '.2f'):>8} {_fmt(row['max_epsilon'], '.3f'):>7}")
+            f"{_fmt(row['train_loss'], '.4f'):>10} {_fmt(row.get('eval_loss'), '.4f'):>9} "
+            f"{_fmt(row.get('eval_perplexity'), '.2f'):>8} {_fmt(row['max_epsilon'], '.3f'):>7}")
 
 
 def json_number(value: float) -> float | str:
@@ -67,7 +67,11 @@ def write_privacy_report(run_dir: Path, report: dict[str, Any]) -> None:
 
 
 def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Loss/perplexity and ε against rounds, as PNG (skipped if matplotlib is absent)."""
+    """Loss/perplexity and ε against rounds, as PNG (skipped if matplotlib is absent).
+
+    A server without a held-out set writes no ``eval_loss``; its plot has the train loss
+    (where sites release it) and ε only.
+    """
     if not rows:
         return
     try:
@@ -80,7 +84,8 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> None:
         return
     rounds = [r["round"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="held-out loss")
+    if any("eval_loss" in r for r in rows):
+        ax1.plot(rounds, [r.get("eval_loss", math.nan) for r in rows], marker="o", label="held-out loss")
     ax1.plot(rounds, [r["train_loss"] if r["train_loss"] is not None else math.nan for r in rows],
              marker="x", label="train loss")
     ax1.set_xlabel("round")

@@ -247,9 +247,9 @@ def test_server_killed_after_round_one_resumes_from_its_checkpoint(federation) -
     # Round 2 started from the checkpointed adapter: the round-1 adapter on disk is that state.
     from safetensors.numpy import load_file
 
-    round1 = load_file(str(next((fed.run_dir / "adapters" / "round_001").glob("*.safetensors"))))
-    assert len(saved) == len(round1)
+    round1 = load_file(str(fed.run_dir / "adapters" / "round_001" / "adapter_model.safetensors"))
+    assert set(saved) == set(round1)  # one artefact: the checkpoint is peft-keyed like every round's adapter
     for name, value in saved.items():
-        np.testing.assert_array_equal(round1[name.replace(".default", "")], value)
+        np.testing.assert_array_equal(round1[name], value)
     # A site that saw both server processes kept one ledger across them.
     assert _charges(fed, "hosp-a") >= 2

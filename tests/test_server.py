@@ -11,14 +11,20 @@ from flwr.app import Message
 
 from fedtune import adapters
 from fedtune.apps import make_client_app
-from fedtune.checkpoint import load_checkpoint
+from fedtune.checkpoint import load_checkpoint, peft_key_map
 from fedtune.config import FedtuneConfig
 from fedtune.federation import protocol
 from fedtune.federation.server import round_config, run_server
+from fedtune.models import build_fingerprinted_model
 from fedtune.privacy.accounting import Charge, epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 
 from conftest import InProcessGrid
+
+
+def _key_map(cfg: FedtuneConfig) -> dict[str, str]:
+    """The model's parameter names -> the checkpoint's peft keys."""
+    return peft_key_map(build_fingerprinted_model(cfg.model).model)
 
 
 def _rounds_epsilon(cfg: FedtuneConfig, rounds: int = 1) -> float:
@@ -132,7 +138,7 @@ def test_oversized_update_is_rejected(tiny_cfg: FedtuneConfig, caplog) -> None:
 def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
     tiny_cfg.federation.num_rounds = 1
     run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
-    _, after_one = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint")
+    _, after_one = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint", _key_map(tiny_cfg))
     tiny_cfg.federation.num_rounds = 2
     grid = InProcessGrid(make_client_app(tiny_cfg), 3)
     summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
@@ -147,7 +153,7 @@ def test_server_resumes_from_checkpoint(tiny_cfg: FedtuneConfig) -> None:
 def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cfg: FedtuneConfig,
                                                                          monkeypatch) -> None:
     """The evaluation after a checkpoint takes a while; a crash in it must not lose the round's row."""
-    import fedtune.federation.server as server_module
+    from fedtune.federation.run_files import PENDING_ROW
     from fedtune.tasks.causal_lm import CausalLM
 
     real = CausalLM.evaluate
@@ -165,7 +171,7 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
         run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, run, show_progress=False)
     assert load_checkpoint(run / "checkpoint")[0] == 1  # type: ignore[index]
     assert not (run / "metrics.jsonl").exists()
-    pending = json.loads((run / server_module.PENDING_ROW).read_text())
+    pending = json.loads((run / PENDING_ROW).read_text())
     assert pending["round"] == 1 and pending["participants"] == ["site-00", "site-01", "site-02"]
 
     monkeypatch.setattr(CausalLM, "evaluate", real)
@@ -175,7 +181,7 @@ def test_crash_between_checkpoint_and_metrics_line_is_finished_on_resume(tiny_cf
     assert rows[0]["participants"] == ["site-00", "site-01", "site-02"] and rows[0]["round_seconds"] > 0
     # Round 1's line carries the evaluation of round 1's checkpoint: the resumed baseline.
     assert rows[0]["eval_loss"] == pytest.approx(json.loads((run / "summary.json").read_text())["initial_eval_loss"])
-    assert not (run / server_module.PENDING_ROW).exists()
+    assert not (run / PENDING_ROW).exists()
     assert (run / "adapters" / "round_001" / "adapter_model.safetensors").is_file()
 
 
@@ -217,7 +223,7 @@ def test_evaluation_of_a_round_runs_while_the_sites_train_the_next(tiny_cfg: Fed
 
 def test_a_stale_pending_row_is_dropped(tiny_cfg: FedtuneConfig) -> None:
     """A round that crashed before its checkpoint runs again; its half-written row must not survive."""
-    from fedtune.federation.server import PENDING_ROW
+    from fedtune.federation.run_files import PENDING_ROW
 
     run = Path(tiny_cfg.run_dir)
     run.mkdir(parents=True)
@@ -230,7 +236,7 @@ def test_a_stale_pending_row_is_dropped(tiny_cfg: FedtuneConfig) -> None:
 
 
 def test_a_node_claiming_another_sites_name_is_not_scheduled(tiny_cfg: FedtuneConfig, caplog) -> None:
-    from fedtune.federation.server import discover_sites
+    from fedtune.federation.membership import discover_sites
 
     grid = InProcessGrid(make_client_app(tiny_cfg), 3)
     # In simulation node 100+i answers "site-0i".  Enrolment says node 102's key was issued to site-03.

@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from fedtune import adapters, config, strategies
 from fedtune.apps import make_client_app
-from fedtune.checkpoint import load_checkpoint
+from fedtune.checkpoint import load_checkpoint, peft_key_map
 from fedtune.config import FedtuneConfig
 from fedtune.federation import protocol
 from fedtune.federation.server import run_server
@@ -40,7 +40,7 @@ def test_ffa_lora_keeps_a_fixed_and_trains_b(tiny_cfg: FedtuneConfig) -> None:
     model, _ = build_lora_model(tiny_cfg.model)
     initial = adapters.lora_state(model, lora_parameter_names(model))
     run_server(InProcessGrid(make_client_app(tiny_cfg), 3), tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
-    _, final = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint")
+    _, final = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint", peft_key_map(model))
     a_names = [n for n in initial if ".lora_A." in n]
     b_names = [n for n in initial if ".lora_B." in n]
     assert a_names and b_names
@@ -68,6 +68,7 @@ class FirstLayerHalfStep(FedAvgLoRA):
     """A toy rule: sites train only layer 0's B tensors; the server takes half the mean step."""
 
     name = "toy-half-step"
+    title = "toy half step"
 
     def trainable_names(self, model: PeftModel) -> list[str]:
         return [n for n in super().trainable_names(model) if ".layers.0." in n and ".lora_B." in n]
@@ -97,7 +98,7 @@ def test_a_new_rule_is_one_class_used_by_server_and_site(tiny_cfg: FedtuneConfig
                for m in grid.received if protocol.UPDATE in m.content.array_records]
     assert len(updates) == 3 and all(set(state) == set(trained) for state, _ in updates)
     # Server side: the rule's own aggregate (half the weighted mean) moved only those tensors.
-    _, final = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint")
+    _, final = load_checkpoint(Path(tiny_cfg.run_dir) / "checkpoint", peft_key_map(model))
     total = sum(weight for _, weight in updates)
     for name in initial:
         if name in trained:

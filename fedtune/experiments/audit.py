@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedtune.checkpoint import atomic_write_text, load_checkpoint
+from fedtune.checkpoint import atomic_write_text, from_peft_keys, load_checkpoint, peft_key_map
 from fedtune.config import FedtuneConfig
 from fedtune.data.records import RecordSchema
 from fedtune.errors import ConfigError
@@ -166,7 +166,8 @@ def canary_losses(cfg: FedtuneConfig, texts: Sequence[str], state: Optional[dict
     task = get_task(cfg.model.task)
     model, tokenizer = build_lora_model(cfg.model)
     if state is not None:
-        adapters.load_lora_state(model, state)
+        # A checkpoint is peft-keyed; from_peft_keys also takes a state keyed by parameter names.
+        adapters.load_lora_state(model, from_peft_keys(peft_key_map(model), state, "the audited adapter"))
     model.eval()
     schema = RecordSchema(cfg.data.format, None, cfg.data.label_field, cfg.data.label_names)
     records = [task.parse_record({"text": t, "prompt": "", "response": t, **(fields[i] if fields else {})}, schema,
@@ -250,8 +251,8 @@ def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], spec: AuditSpec,
 def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Train one federation per ε with the same canaries; write the audit report; return its runs."""
     from fedtune.experiments.plots import plot_score_histograms
-
     from fedtune.tasks import get_task
+
     validate_spec(spec, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     canaries, included = make_canaries(spec.canaries, spec.canary_length, spec.seed)

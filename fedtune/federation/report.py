@@ -1,0 +1,100 @@
+"""What the server reports: each round's metrics line, the privacy report, the run's summary.
+
+ε figures come from the server's own ledger, charged from the σ, q and steps it
+dictated; a site's own report of its spend is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from fedtune import reporting
+from fedtune.checkpoint import atomic_write_text
+from fedtune.config import FedtuneConfig
+from fedtune.evaluate import EvalResult
+from fedtune.federation.rounds import RoundOutcome
+from fedtune.privacy.ledger import PrivacyLedger
+
+if TYPE_CHECKING:
+    from fedtune.federation.membership import SiteInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSummary:
+    run_dir: Path
+    rounds_completed: int
+    stop_reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def round_row(round_number: int, outcome: RoundOutcome, sites: list["SiteInfo"], ledger: PrivacyLedger,
+              private: bool) -> dict[str, Any]:
+    """The round's metrics line before its timings and held-out evaluation are known."""
+    epsilons = [ledger.epsilon(s.name, s.delta) for s in sites] if private else [math.inf]
+    return {
+        "round": round_number,
+        "participants": outcome.participants,
+        "refusals": outcome.refusals,
+        "failures": outcome.failures,
+        "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else None,
+        "max_epsilon": reporting.json_number(max(epsilons)),
+        "local_train_seconds": outcome.local_train_seconds,
+        **outcome.extra,
+    }
+
+
+def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list["SiteInfo"]) -> dict[str, Any]:
+    """Each site's ε over its whole history in ``ledger``: every run that charged it, not only this one.
+
+    ``runs`` lists those runs oldest first (``null``: charges from before runs were named);
+    ``run`` is this one.
+    """
+    site_runs = {s.name: ledger.runs(s.name) for s in sites}
+    covered = {run for runs in site_runs.values() for run in runs}
+    report: dict[str, Any] = {"accountant": cfg.privacy.accountant, "delta": cfg.privacy.delta, "run": ledger.run,
+                              "runs": [r for r in ledger.runs() if r in covered], "ledger": str(ledger.path),
+                              "sites": {}}
+    for site in sites:
+        history = ledger.history(site.name)
+        eps = ledger.epsilon(site.name, site.delta) if cfg.privacy.enabled else (math.inf if history else 0.0)
+        report["sites"][site.name] = {
+            "runs": site_runs[site.name],
+            "epsilon": reporting.json_number(eps),
+            "budget_epsilon": site.budget_epsilon,
+            "delta": site.delta,
+            "rounds": len(history),
+            "steps": sum(c.steps for c in history),
+            "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.enabled else 0.0,
+            "sample_rate": cfg.privacy.sample_rate,
+        }
+    return report
+
+
+def write_final_outputs(cfg: FedtuneConfig, summary: ServerSummary, ledger: PrivacyLedger, sites: list["SiteInfo"],
+                        baseline: Optional[EvalResult]) -> None:
+    """The privacy report, ``summary.json`` and the plots, once the rounds are over.
+
+    The held-out losses are null when the server had no held-out set.
+    """
+    run_dir, rows = summary.run_dir, summary.rows
+    reporting.write_privacy_report(run_dir, privacy_report(cfg, ledger, sites))
+    initial = baseline.loss if baseline is not None else None
+    atomic_write_text(run_dir / "summary.json", json.dumps({
+        "rounds_completed": summary.rounds_completed,
+        "stop_reason": summary.stop_reason,
+        "initial_eval_loss": initial,
+        "final_eval_loss": rows[-1].get("eval_loss") if rows else initial,
+        "sites": [s.name for s in sites],
+        "run_id": ledger.run,
+    }, indent=2))
+    reporting.write_plots(run_dir, rows)
+    log.info("%s after %d rounds; outputs in %s", summary.stop_reason, summary.rounds_completed, run_dir)
