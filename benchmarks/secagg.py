@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
@@ -75,6 +75,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from fedtune import adapters
 from fedtune.federation import protocol as msgs
+from fedtune.federation import wire
 from fedtune.secagg import protocol
 from fedtune.secagg.masks import Quantizer
 
@@ -144,15 +145,13 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
     secrets_, public = {}, {}
     for i in sites:
         secrets_[i], public[i] = clocks[i].run("advertise", protocol.advertise_keys, i)
-        sent[i] += wire_bytes({msgs.SECAGG: ConfigRecord({"enc_pk": public[i][0], "mask_pk": public[i][1]}),
-                               msgs.STATUS: ok()})
+        sent[i] += wire_bytes({**wire.AdvertiseReply(*public[i]).to_record(), msgs.STATUS: ok()})
         yield
     shares = {}
     for i in sites:
         shares[i] = clocks[i].run("share", protocol.share_keys, secrets_[i], {j: public[j] for j in graph[i]}, t,
                                   ROUND)
-        sent[i] += wire_bytes({msgs.SHARES: ConfigRecord({str(j): ct for j, ct in shares[i].items()}),
-                               msgs.STATUS: ok()})
+        sent[i] += wire_bytes({**wire.ShareReply(shares[i]).to_record(), msgs.STATUS: ok()})
         yield
     routed = protocol.route_shares(shares)
 
@@ -165,8 +164,7 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
     for i in sites:
         delta, weight = site_delta(entries, i)
         masked[i] = clocks[i].run("mask", mask, i, delta, weight)
-        sent[i] += wire_bytes({msgs.UPDATE: ArrayRecord(array_dict={"masked": Array(masked[i])}),
-                               msgs.METRICS: MetricRecord({"train_seconds": 1.0}), msgs.STATUS: ok()})
+        sent[i] += wire_bytes({**wire.MaskReply(masked[i]).to_record(), msgs.STATUS: ok()})
         yield
 
     for case, arrived in (("after", set(sites)), ("before", set(sites) - dropped)):
@@ -178,9 +176,7 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
             gone = {j for j in graph[i] if j not in arrived}
             if case == "after":
                 s, kk = clocks[i].run("unmask", protocol.unmask, secrets_[i], survivors, gone, ROUND)
-                sent[i] += wire_bytes({"seed_shares": ConfigRecord({str(j): v for j, v in s.items()}),
-                                       "key_shares": ConfigRecord({str(j): v for j, v in kk.items()}),
-                                       msgs.STATUS: ok()})
+                sent[i] += wire_bytes({**wire.UnmaskReply(s, kk).to_record(), msgs.STATUS: ok()})
             else:
                 s, kk = protocol.unmask(secrets_[i], survivors, gone, ROUND)
             for j, v in s.items():
