@@ -23,6 +23,8 @@ class Strategy(ABC):
     """One aggregation rule: what a site trains, and how the server combines the deltas."""
 
     name: ClassVar[str]
+    # How tables and plots name the rule.
+    title: ClassVar[str]
 
     def trainable_names(self, model: PeftModel) -> list[str]:
         """The tensors a site trains and sends, and the server aggregates: the whole adapter."""
@@ -49,6 +51,7 @@ class FedAvgLoRA(Strategy):
     """
 
     name = "fedavg"
+    title = "FedAvg-LoRA"
 
     def aggregate(self, weighted_sum: Mapping[str, np.ndarray], total_weight: float) -> State:
         """Σ n_i Δ_i / Σ n_i."""
@@ -66,6 +69,7 @@ class FFALoRA(FedAvgLoRA):
     """
 
     name = "ffa"
+    title = "FFA-LoRA"
 
     def trainable_names(self, model: PeftModel) -> list[str]:
         return [n for n in super().trainable_names(model) if ".lora_A." not in n]

@@ -26,13 +26,13 @@ from fedtune.config import FedtuneConfig, load_structured, to_dict
 from fedtune.checkpoint import atomic_write_text
 from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_federation
+from fedtune.strategies import REGISTRY as STRATEGIES
 from fedtune.validation import validate, validate_against_data
 
 log = logging.getLogger(__name__)
 
 INF = math.inf
 RESULT_FILE = "result.json"
-STRATEGY_NAMES = {"fedavg": "FedAvg-LoRA", "ffa": "FFA-LoRA"}
 
 # Fields a grid sets for every run: overriding them on the command line would be
 # silently ignored, so it is refused with the flag to use instead.
@@ -65,7 +65,8 @@ class Setting:
     @property
     def group(self) -> str:
         """The setting without ε and seed: one line of a plot, one row of a table."""
-        name = STRATEGY_NAMES.get(self.strategy, self.strategy)
+        rule = STRATEGIES.get(self.strategy)
+        name = rule.title if rule is not None else self.strategy
         if self.centralised:
             return f"centralised, {name}"
         part = "iid" if self.partition == "iid" else f"Dirichlet α={self.dirichlet_alpha:g}"

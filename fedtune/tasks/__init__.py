@@ -147,9 +147,8 @@ def task_for_format(fmt: str) -> Task[Any, Any]:
     for task in REGISTRY.values():
         if fmt in task.record_formats:
             return task
-    formats = [f for task in REGISTRY.values() for f in task.record_formats]
-    raise ConfigError("data.format", f"'{fmt}' is not one of {', '.join(formats)}",
-                      f"Set data.format to one of: {', '.join(formats)}.")
+    formats = ", ".join(record_formats())
+    raise ConfigError("data.format", f"'{fmt}' is not one of {formats}", f"Set data.format to one of: {formats}.")
 
 
 def record_formats() -> tuple[str, ...]:
