@@ -12,7 +12,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.data import DataError, load_federated_data, load_jsonl
 from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_inprocess
-from fedtune.models import build_lora_model, lora_parameter_names, set_trainable
+from fedtune.models import build_lora_model, load_base_model, lora_parameter_names, set_trainable
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer
 from fedtune.strategies import FFALoRA
 from fedtune.tasks import get_task
@@ -87,8 +87,9 @@ def test_rt_polarity_federation_reports_accuracy(tmp_path: Path) -> None:
     if not (pos.is_file() and neg.is_file()):
         pytest.skip("../shared/data/rt-polarity.* not present")
     lines = []
-    for label, source in (("pos", pos), ("neg", neg)):
-        text = source.read_text(encoding="utf-8", errors="replace").splitlines()[:60]
+    # Unequal classes, so that a constant prediction's accuracy differs from its complement's.
+    for label, source, count in (("pos", pos, 70), ("neg", neg, 30)):
+        text = source.read_text(encoding="utf-8", errors="replace").splitlines()[:count]
         lines += [json.dumps({"text": t, "label": label}) for t in text if t.strip()]
     data = tmp_path / "polarity.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -97,7 +98,23 @@ def test_rt_polarity_federation_reports_accuracy(tmp_path: Path) -> None:
                              data__partition="iid")
     summary = run_inprocess(cfg)
     assert summary.rounds_completed == 2
-    rows = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
-    saved = json.loads((Path(cfg.run_dir) / "adapters" / "round_002" / "adapter_config.json").read_text())
+    run = Path(cfg.run_dir)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    saved = json.loads((run / "adapters" / "round_002" / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and "score" in saved["modules_to_save"]
+    # The reported accuracy and loss are those of the saved adapter (head included, loaded by
+    # peft itself onto the seeded base) on the held-out records, recomputed here one record at
+    # a time, without the server's batching, padding or evaluator.
+    from peft import PeftModel
+
+    base, tokenizer = load_base_model(cfg.model)
+    model = PeftModel.from_pretrained(base, str(run / "adapters" / "round_002")).eval()
+    held_out = load_federated_data(cfg.data, cfg.federation.num_sites).eval_records()
+    examples = get_task("classification").encode_all(held_out, tokenizer, cfg.data.max_length)
+    labels = torch.tensor([e.label for e in examples])
+    assert 0 < int(labels.sum()) != len(examples) / 2  # both classes, not balanced
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=torch.tensor([e.input_ids])).logits.float() for e in examples])
+    assert rows[-1]["round"] == 2
+    assert rows[-1]["eval_accuracy"] == pytest.approx(float((logits.argmax(dim=-1) == labels).float().mean()))
+    assert rows[-1]["eval_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-4)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,10 +10,10 @@ from fedtune.config import FedtuneConfig
 from fedtune.data.records import Record
 from fedtune.models import build_lora_model
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer, poisson_batches, train_locally
-
 from fedtune.tasks import get_task
-TEXTS = ["a", "short note", "a somewhat longer clinical note about chest pain", "mid length text here"]
+
 LM = get_task("causal_lm")
+TEXTS = ["a", "short note", "a somewhat longer clinical note about chest pain", "mid length text here"]
 
 
 def _model_and_batch(tiny_cfg: FedtuneConfig):
@@ -109,7 +110,17 @@ def test_empty_batches_are_stepped_and_hooks_are_removed(tiny_cfg: FedtuneConfig
 
 
 def test_poisson_sampling_rate() -> None:
+    """Batch sizes are Binomial(N, q): mean Nq and variance Nq(1 - q), not a fixed Nq.
+
+    Over 2000 steps the sample mean's standard error is 0.7% of Nq and the sample
+    variance's about 3% of Nq(1 - q), so the 15% band holds for any seed, while a
+    fixed-size sampler (variance 0) or one drawing the records as a block fails it.
+    """
+    n, q, steps = 200, 0.05, 2000
     gen = torch.Generator().manual_seed(0)
-    sizes = [len(b) for b in poisson_batches(200, 0.05, 2000, gen)]
-    assert sum(sizes) / len(sizes) == pytest.approx(10.0, rel=0.05)
-    assert 0 in set(sizes) or min(sizes) <= 3
+    batches = list(poisson_batches(n, q, steps, gen))
+    sizes = np.array([len(b) for b in batches], dtype=np.float64)
+    assert sizes.mean() == pytest.approx(n * q, rel=0.05)
+    assert sizes.var(ddof=1) == pytest.approx(n * q * (1 - q), rel=0.15)
+    # Each record joins each step independently: record 0 in about q of the steps.
+    assert sum(0 in b for b in batches) / steps == pytest.approx(q, abs=0.02)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 
 import numpy as np
 import pytest
@@ -69,7 +71,8 @@ def test_unmasked_sum_equals_plain_sum_within_bound(n: int) -> None:
 
 
 def test_masked_vector_is_uniform_even_for_a_zero_update() -> None:
-    (_, _), _, _ = secure_round([np.zeros(10, np.float32)] * 3, [1, 1, 1], k=2, t=2)  # protocol runs
+    (weighted_sum, total), quant, _ = secure_round([np.zeros(10, np.float32)] * 3, [1, 1, 1], k=2, t=2)
+    assert total == 3 and np.max(np.abs(weighted_sum)) <= quant.sum_error_bound  # the masks cancel in the sum
     secrets_, _ = protocol.advertise_keys(1)
     quant = Quantizer(bits=32, clip_range=1.0, max_weight=1, num_sites=3)
     vec = quant.encode(np.zeros(200_000, np.float32), 1)
@@ -147,16 +150,41 @@ def test_ring_that_could_wrap_is_rejected_with_numbers() -> None:
         Quantizer(bits=16, clip_range=20.0, max_weight=1000, num_sites=3).check()
 
 
+def _through(points: dict[int, int], x: int) -> int:
+    """The lowest-degree polynomial through ``points`` over GF(p), at ``x`` (Lagrange, not shamir.combine)."""
+    total = 0
+    for xi, yi in points.items():
+        num = den = 1
+        for xj in points:
+            if xj != xi:
+                num, den = num * (x - xj) % shamir.PRIME, den * (xi - xj) % shamir.PRIME
+        total = (total + yi * num * pow(den, -1, shamir.PRIME)) % shamir.PRIME
+    return total
+
+
 def test_shamir_threshold() -> None:
-    secret = bytes(range(32))
-    shares = shamir.split(secret, 3, [1, 2, 3, 4, 5])
-    assert shamir.combine({x: shares[x] for x in (2, 4, 5)}, 3) == secret
-    try:
-        assert shamir.combine({x: shares[x] for x in (1, 2)}, 2) != secret  # too few: no information
-    except ValueError:
-        pass
+    t, holders = 3, [1, 2, 3, 4, 5]
+    secret = secrets.token_bytes(32)
+    shares = shamir.split(secret, t, holders)
+    for subset in itertools.combinations(holders, t):  # any t shares reconstruct
+        assert shamir.combine({x: shares[x] for x in subset}, t) == secret
     with pytest.raises(ValueError):
-        shamir.combine({1: shares[1]}, 3)
+        shamir.combine({x: shares[x] for x in holders[:t - 1]}, t)
+    ys = {x: int.from_bytes(shares[x], "big") for x in holders}
+    few = {x: ys[x] for x in (2, 4)}  # t - 1 shares
+    # t - 1 shares reveal nothing: with every candidate secret s they lie on exactly one
+    # polynomial of degree t - 1 through (0, s), and split's uniform coefficients make each
+    # of these polynomials equally likely.  The completing share is wrong for all but the secret.
+    for candidate in [secret, bytes(32), b"\xff" * 32, *(secrets.token_bytes(32) for _ in range(5))]:
+        forged = _through({0: int.from_bytes(candidate, "big"), **few}, 5)
+        completed = {**{x: shares[x] for x in few}, 5: forged.to_bytes(shamir.SHARE_BYTES, "big")}
+        assert shamir.combine(completed, t) == candidate
+        assert (forged == ys[5]) == (candidate == secret)
+    # The polynomial really has degree t - 1: a lower one through t - 1 shares misses the
+    # secret, and a second split of the same secret draws fresh coefficients.
+    assert _through(few, 0) != int.from_bytes(secret, "big")
+    again = shamir.split(secret, t, holders)
+    assert all(again[x] != shares[x] and ys[x] != int.from_bytes(secret, "big") for x in holders)
 
 
 def test_neighbour_graph_is_regular() -> None:
