@@ -22,6 +22,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.config import LoraSettings, ModelConfig
+from fedtune.errors import ConfigError
 from fedtune.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,8 @@ def target_modules_for(model: PreTrainedModel, lora: LoraSettings) -> list[str]:
         return DEFAULT_TARGET_MODULES[family]
     if family in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
         return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family])
-    raise ValueError(
-        f"config error in 'model.lora.target_modules': no default for model family '{family}'. "
-        "List the projection modules to adapt, e.g. model.lora.target_modules=[q_proj,v_proj]."
-    )
+    raise ConfigError("model.lora.target_modules", f"no default for model family '{family}'",
+                      "List the projection modules to adapt, e.g. model.lora.target_modules=[q_proj,v_proj].")
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int, task_type: str) -> PeftModel:

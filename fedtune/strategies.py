@@ -17,6 +17,7 @@ import numpy as np
 from peft import PeftModel
 
 from fedtune.adapters import State
+from fedtune.errors import ConfigError
 
 
 class Strategy(ABC):
@@ -80,6 +81,5 @@ REGISTRY: dict[str, type[Strategy]] = {rule.name: rule for rule in (FedAvgLoRA, 
 
 def make_strategy(name: str) -> Strategy:
     if name not in REGISTRY:
-        raise ValueError(f"config error in 'federation.strategy': unknown strategy '{name}'. "
-                         f"Use {' or '.join(REGISTRY)}.")
+        raise ConfigError("federation.strategy", f"unknown strategy '{name}'", f"Use {' or '.join(REGISTRY)}.")
     return REGISTRY[name]()
