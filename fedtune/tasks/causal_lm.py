@@ -12,6 +12,7 @@ per-record sensitivity argument of DP-SGD relies on:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,8 @@ from fedtune.tasks import Task
 # adapter could make the tiny model confident (loss floor ~4.5 nats/byte).  A wider head
 # gives LoRA the range that a pretrained head would.
 TINY_HEAD_STD = 0.3
+
+log = logging.getLogger(__name__)
 
 
 def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +62,29 @@ def _instruction_record(obj: dict[str, Any], schema: RecordSchema, where: str) -
         raise DataError(f'{where}: instruction records need string "prompt" and non-empty "response" fields, '
                         'e.g. {"prompt": "Summarise: ...", "response": "..."}.')
     return Record(prompt=prompt, response=response, group=record_group(obj, schema))
+
+
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_turns(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(ids of the user turn up to the assistant's start, ids of the assistant turn).
+
+    The assistant's ids are the template's rendering of the whole chat minus its rendering
+    up to the generation prompt, so they include the template's end-of-turn tokens (the
+    model learns to stop).  A template whose full chat does not start with the prompt
+    rendering cannot be split that way and is refused rather than mis-masked.
+    """
+    user = [{"role": "user", "content": record.prompt}]
+    prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)["input_ids"])
+    whole = user + [{"role": "assistant", "content": record.response}]
+    full_ids = list(tokenizer.apply_chat_template(whole, tokenize=True)["input_ids"])
+    if full_ids[:len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
+        raise DataError("the tokenizer's chat template does not render a chat as its prompt followed by the "
+                        "assistant's turn, so the response tokens cannot be found. Use data.format=text, or a "
+                        "tokenizer whose template extends the generation prompt.")
+    return prompt_ids, full_ids[len(prompt_ids):]
 
 
 class CausalLM(Task[Example, Batch]):
@@ -94,19 +120,34 @@ class CausalLM(Task[Example, Batch]):
         return built
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
-        """BOS, prompt, response, EOS; only the response (and EOS) are targets."""
-        prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else []
-        response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            response_ids = response_ids + [tokenizer.eos_token_id]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        full = bos + prompt_ids + response_ids
-        full_mask = [0] * (len(bos) + len(prompt_ids)) + [1] * len(response_ids)
+        """Prompt and response; only the response (with its end token) is a target.
+
+        An instruction record for a tokenizer with a chat template (an instruct model) is
+        formatted as one user turn and one assistant turn of that template, the form the
+        model was tuned on; otherwise BOS, prompt, response, EOS.
+        """
+        if record.prompt and uses_chat_template(tokenizer):
+            prompt_ids, response_ids = chat_turns(record, tokenizer)
+        else:
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            prompt_ids = bos + (tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else [])
+            response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                response_ids = response_ids + [tokenizer.eos_token_id]
+        full = prompt_ids + response_ids
+        full_mask = [0] * len(prompt_ids) + [1] * len(response_ids)
         ids, mask = full[:max_length], full_mask[:max_length]
         if sum(mask[1:]) == 0:
             # A prompt that fills the window leaves nothing to learn; keep the tail instead.
             ids, mask = full[-max_length:], full_mask[-max_length:]
         return Example(tuple(ids), tuple(mask))
+
+    def encode_all(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int
+                   ) -> list[Example]:
+        if uses_chat_template(tokenizer) and any(r.prompt for r in records):
+            log.info("instruction records are formatted with the tokenizer's chat template; the loss covers the "
+                     "assistant turn only")
+        return [self.encode(r, tokenizer, max_length) for r in records]
 
     def collate(self, examples: Sequence[Example], pad_id: int) -> Batch:
         return collate(examples, pad_id)

@@ -134,13 +134,16 @@ class Classification(Task[LabelledExample, LabelledBatch]):
         return LlamaForSequenceClassification(config)
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> LabelledExample:
-        """The text, cut to fit, then EOS: the classifier reads the last real token."""
+        """The text with the tokenizer's own special tokens, cut to fit.
+
+        Each family pools where its pretraining put the summary: BERT-style encoders at
+        ``[CLS]`` (first) with ``[SEP]`` closing the text, Llama-style decoders at the last
+        real token.  ``tokenizer(text)`` inserts exactly the tokens of that scheme; adding
+        BOS/EOS by hand left BERT's ``[CLS]`` out, so its head pooled a word token.
+        """
         if record.label is None:
             raise ValueError("a classification record needs a label")
-        ids = tokenizer(record.response, add_special_tokens=False)["input_ids"][:max_length - 2]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = bos + ids + eos
+        ids = tokenizer(record.response, truncation=True, max_length=max_length)["input_ids"]
         return LabelledExample(tuple(ids), tuple([0] * len(ids)), label=int(record.label))
 
     def collate(self, examples: Sequence[LabelledExample], pad_id: int) -> LabelledBatch:
