@@ -27,6 +27,8 @@ commands:
   server            operator: start the SuperLink and submit the fedtune run
   client keygen     site: make this site's key pair (send the operator only auth.pub)
   client            site: start this site's SuperNode from its site config
+  evaluate          held-out metrics of a run's adapter: `fedtune evaluate ADAPTER [data.path=FILE] [--baseline]`
+  generate          continue a prompt with a causal-LM run's adapter: `fedtune generate ADAPTER --prompt TEXT`
 
 fedtune simulate [OVERRIDE ...] [--multirun]
 
@@ -47,6 +49,8 @@ SUBCOMMANDS: dict[str, str] = {
     "init-federation": "fedtune.deploy.cli:init_federation_main",
     "server": "fedtune.deploy.cli:server_main",
     "client": "fedtune.deploy.cli:client_main",
+    "evaluate": "fedtune.inference_cli:evaluate_main",
+    "generate": "fedtune.inference_cli:generate_main",
 }
 
 
@@ -95,11 +99,12 @@ def simulate_main(argv: list[str]) -> None:
     decorated()
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``fedtune`` command; ``argv`` (default ``sys.argv[1:]``) lets tests call it in-process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request (Flower's Runtime API polling) drowns the operator's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = sys.argv[1:]
+    args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         raise SystemExit(0 if args else 2)
