@@ -173,6 +173,21 @@ async def _read_body(request: Request, max_body_bytes: int) -> Optional[bytes]:
     return b"".join(chunks)
 
 
+async def _relay(client: httpx.AsyncClient, url: httpx.URL, body: bytes, headers: dict[str, str]):  # type: ignore[no-untyped-def]
+    """POST one Fleet call upstream and hand back the SuperLink's answer (502 if it gives none)."""
+    from starlette.responses import Response
+
+    try:
+        upstream_response = await client.post(url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        log.warning("gateway: the SuperLink did not answer %s: %s", url.raw_path[:80], exc)
+        return Response(status_code=502)
+    out_headers = {k: v for k, v in upstream_response.headers.items()
+                   if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"}
+    return Response(content=upstream_response.content, status_code=upstream_response.status_code,
+                    headers=out_headers)
+
+
 def make_app(upstream: str, ca_file: Path, timeout_s: float = 300.0,  # type: ignore[no-untyped-def]
              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     """A Starlette app forwarding Fleet API calls to ``upstream`` (``https://127.0.0.1:PORT``).
@@ -218,15 +233,7 @@ def make_app(upstream: str, ca_file: Path, timeout_s: float = 300.0,  # type: ig
         if body is None:
             return Response(status_code=413)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        try:
-            upstream_response = await client.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            log.warning("gateway: the SuperLink did not answer %s: %s", request.url.path, exc)
-            return Response(status_code=502)
-        out_headers = {k: v for k, v in upstream_response.headers.items()
-                       if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"}
-        return Response(content=upstream_response.content, status_code=upstream_response.status_code,
-                        headers=out_headers)
+        return await _relay(client, url, body, headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
