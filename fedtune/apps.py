@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import FedtuneConfig, from_dict
+from fedtune.data import load_federated_data
 from fedtune.federation import client as site
 from fedtune.federation import protocol, secure_client
 from fedtune.federation.server import ServerSummary, run_server
@@ -149,7 +150,13 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
 
     def records_of(context: Context, config: FedtuneConfig) -> list:
         if deployed is None:
-            return site.site_records(context, config)
+            # A simulated site's share of the pooled data: read and partitioned once per
+            # process (the split is a function of the config), not on every message.
+            key = (repr(config.data), config.federation.num_sites)
+            if key not in records_cache:
+                records_cache.clear()
+                records_cache[key] = [load_federated_data(config.data, config.federation.num_sites)]
+            return site.site_records(context, records_cache[key][0])
         from fedtune.deploy.site_data import load_site_records
 
         # A deployed site holds all of its own file; the process is warm, so read it once.

@@ -8,6 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune import adapters
 from fedtune.config import FedtuneConfig
+from fedtune.data import load_federated_data
 from fedtune.federation import client as site
 from fedtune.federation import protocol
 from fedtune.federation.server import round_config
@@ -32,7 +33,7 @@ def _site(cfg: FedtuneConfig) -> site.SiteSettings:
 
 def _records(cfg: FedtuneConfig):
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    return site.site_records(ctx, cfg)
+    return site.site_records(ctx, load_federated_data(cfg.data, cfg.federation.num_sites))
 
 
 def test_site_trains_and_charges_before_release(tiny_cfg: FedtuneConfig) -> None:
@@ -101,3 +102,23 @@ def test_private_site_refuses_a_non_private_round(tiny_cfg: FedtuneConfig) -> No
     reply = site.train(_train_message(server_cfg), _site(tiny_cfg), tiny_cfg, _records(tiny_cfg))
     assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_REFUSED
     assert reply.content[protocol.STATUS]["reason"] == protocol.REFUSED_POLICY
+
+
+def test_a_site_builds_its_model_and_partitions_its_data_once_per_process(tiny_cfg: FedtuneConfig,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds × sites messages, one build: a real base model takes seconds to minutes to load."""
+    from fedtune import apps, models
+    from fedtune.federation.server import run_server
+
+    from conftest import InProcessGrid
+
+    builds, loads = [], []
+    real_build, real_load = models.build_fingerprinted_model, apps.load_federated_data
+    monkeypatch.setattr(models, "_SITE_MODELS", {})
+    monkeypatch.setattr(models, "build_fingerprinted_model", lambda cfg: builds.append(1) or real_build(cfg))
+    monkeypatch.setattr(apps, "load_federated_data", lambda *a: loads.append(1) or real_load(*a))
+    tiny_cfg.federation.num_rounds = 3
+    grid = InProcessGrid(apps.make_client_app(tiny_cfg), tiny_cfg.federation.num_sites)
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
+    assert summary.rounds_completed == 3 and all(len(r["participants"]) == 3 for r in summary.rows)
+    assert len(builds) == 1 and len(loads) == 1

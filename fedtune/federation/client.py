@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune import adapters
 from fedtune.config import FedtuneConfig
-from fedtune.data import Record, load_federated_data
+from fedtune.data import FederatedData, Record
 from fedtune.federation import protocol
 from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainable, site_model
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
@@ -81,8 +81,8 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
     )
 
 
-def site_records(context: Context, cfg: FedtuneConfig) -> list[Record]:
-    data = load_federated_data(cfg.data, cfg.federation.num_sites)
+def site_records(context: Context, data: FederatedData) -> list[Record]:
+    """A simulated site's records: its partition of the pooled data."""
     return data.site_records(int(context.node_config["partition-id"]))
 
 
