@@ -120,6 +120,33 @@ def guarded(handler: Callable[[Message, Context], Message], refusal_as_error: bo
     return run
 
 
+class SiteRecords:
+    """A site's training records, read once per process and kept between messages.
+
+    A simulated site's share is its partition of the pooled data, a function of the data
+    config; a deployed site's is its whole file, read again only when the file changes.
+    """
+
+    def __init__(self, deployed: Optional["SiteConfig"]) -> None:
+        self.deployed = deployed
+        self.key: Optional[tuple] = None
+        self.value: object = None
+
+    def of(self, context: Context, config: FedtuneConfig) -> list:
+        if self.deployed is None:
+            key: tuple = (repr(config.data), config.federation.num_sites)
+            if key != self.key:
+                self.key, self.value = key, load_federated_data(config.data, config.federation.num_sites)
+            return site.site_records(context, self.value)  # type: ignore[arg-type]
+        from fedtune.deploy.site_data import load_site_records
+
+        path = self.deployed.resolve(self.deployed.data.path)
+        key = (str(path), path.stat().st_mtime_ns)
+        if key != self.key:
+            self.key, self.value = key, load_site_records(self.deployed)
+        return self.value  # type: ignore[return-value]
+
+
 def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["SiteConfig"] = None) -> ClientApp:
     """The site's ClientApp.
 
@@ -130,7 +157,7 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
     (:mod:`fedtune.deploy.run_config`), never a path, a seed or an interpolation.
     """
     app = ClientApp()
-    records_cache: dict[tuple, list] = {}
+    records = SiteRecords(deployed)
 
     def settings_and_config(context: Context) -> tuple[site.SiteSettings, FedtuneConfig]:
         if deployed is None:
@@ -148,25 +175,6 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
                                      num_labels=site_num_labels(deployed))
         return settings, config
 
-    def records_of(context: Context, config: FedtuneConfig) -> list:
-        if deployed is None:
-            # A simulated site's share of the pooled data: read and partitioned once per
-            # process (the split is a function of the config), not on every message.
-            key = (repr(config.data), config.federation.num_sites)
-            if key not in records_cache:
-                records_cache.clear()
-                records_cache[key] = [load_federated_data(config.data, config.federation.num_sites)]
-            return site.site_records(context, records_cache[key][0])
-        from fedtune.deploy.site_data import load_site_records
-
-        # A deployed site holds all of its own file; the process is warm, so read it once.
-        path = deployed.resolve(deployed.data.path)
-        key = (str(path), path.stat().st_mtime_ns)
-        if key not in records_cache:
-            records_cache.clear()
-            records_cache[key] = load_site_records(deployed)
-        return records_cache[key]
-
     @app.query()
     @guarded_describe
     def describe(msg: Message, context: Context) -> Message:
@@ -180,9 +188,9 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
         logging.getLogger("fedtune").setLevel(config.log_level)
         if protocol.SECAGG in msg.content.config_records:
             stage = msg.content.config_records[protocol.SECAGG].get("stage")
-            records = records_of(context, config) if stage == protocol.STAGE_MASK else []
-            return secure_client.handle(msg, context, settings, config, records)
-        return site.train(msg, settings, config, records_of(context, config))
+            own = records.of(context, config) if stage == protocol.STAGE_MASK else []
+            return secure_client.handle(msg, context, settings, config, own)
+        return site.train(msg, settings, config, records.of(context, config))
 
     return app
 
