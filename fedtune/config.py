@@ -13,6 +13,7 @@ after spending privacy budget.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ DATA_FORMATS = ("auto", "text", "instruction", "labelled")
 TASKS = ("causal_lm", "classification")
 STRATEGIES = ("fedavg", "ffa")
 OPTIMIZERS = ("sgd", "adam")
+# Dtypes of the frozen base weights (model.dtype); the trained tensors are always float32.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -62,6 +65,16 @@ class ModelConfig:
     # (trained with the adapter) over labelled records (data.format=labelled).
     task: str = "causal_lm"
     num_labels: int = 2
+    # A GGUF checkpoint inside model.path (a file name, not a path): it is dequantised once
+    # into a safetensors Hugging Face folder under cache_dir and loaded from there.
+    gguf_file: Optional[str] = None
+    # Where converted GGUF checkpoints are kept, one folder per SHA-256 of the file;
+    # null: $XDG_CACHE_HOME/fedtune/gguf (~/.cache/fedtune/gguf).
+    cache_dir: Optional[str] = None
+    # dtype of the frozen base weights: float32, bfloat16 (halves their memory; works on
+    # CPU) or float16 (CUDA only).  LoRA tensors, a trained head, gradients, DP noise and
+    # the update stay float32 whatever this is: noise added in low precision is rounded away.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -276,14 +289,56 @@ def validate_lora(lora: LoraSettings) -> None:
                 "Target attention/MLP projections instead, e.g. [q_proj, v_proj].")
 
 
+def validate_model_source(m: ModelConfig) -> None:
+    """model.path is a Hugging Face directory, or the directory of model.gguf_file.
+
+    The GGUF name must be a plain file name inside model.path: a name with separators or
+    ``..`` could make a site read (and hash, and convert) a file outside its model copy.
+    """
+    if m.gguf_file is None:
+        if m.path is not None:
+            mp = Path(m.path)
+            require(mp.is_dir() and (mp / "config.json").is_file(), "model.path",
+                    f"'{m.path}' is not a Hugging Face model directory (no config.json)",
+                    "Point model.path at a local directory saved with save_pretrained, or null for the tiny "
+                    "model (or name a GGUF file in it with model.gguf_file).")
+        return
+    require(m.path is not None, "model.gguf_file", "is set but model.path is null",
+            "Set model.path to the directory that holds the GGUF file.")
+    require(Path(m.gguf_file).name == m.gguf_file and m.gguf_file not in ("", ".", ".."), "model.gguf_file",
+            f"'{m.gguf_file}' is not a plain file name", "Give the file's name only; its directory is model.path.")
+    gguf = Path(str(m.path)) / m.gguf_file
+    require(gguf.is_file(), "model.gguf_file", f"'{gguf}' is not a file",
+            "Name a .gguf file inside model.path, or set model.gguf_file=null for a Hugging Face directory.")
+    require(importlib.util.find_spec("gguf") is not None, "model.gguf_file",
+            "reading a GGUF checkpoint needs the gguf package, which is not installed",
+            "Install it: pip install 'fedtune[gguf]' (or pip install gguf).")
+    if m.cache_dir is not None:
+        require(not Path(m.cache_dir).expanduser().is_file(), "model.cache_dir", f"'{m.cache_dir}' is a file",
+                "Point model.cache_dir at a directory (it is created if missing), or null for the default.")
+
+
+def validate_model_dtype(m: ModelConfig) -> None:
+    """model.dtype is known, and float16 only where torch sees a CUDA device.
+
+    Every simulated site and the server's evaluation compute on CPU, where float16
+    matmuls are unsupported or several times slower than float32; bfloat16 is the
+    low-memory choice there.  (torch is imported only for float16, keeping this module light.)
+    """
+    _choice(m.dtype, MODEL_DTYPES, "model.dtype")
+    if m.dtype == "float16":
+        import torch
+
+        require(torch.cuda.is_available(), "model.dtype",
+                "float16 on CPU: float16 matmuls are unsupported or slow there, and torch sees no CUDA device",
+                "Use model.dtype=bfloat16 on CPU (or float32); float16 is for parties that compute on a GPU.")
+
+
 def validate_model(m: ModelConfig) -> None:
     """The base model and its LoRA shape (the task is :func:`validate_task`'s)."""
     validate_lora(m.lora)
-    if m.path is not None:
-        mp = Path(m.path)
-        require(mp.is_dir() and (mp / "config.json").is_file(), "model.path",
-                f"'{m.path}' is not a Hugging Face model directory (no config.json)",
-                "Point model.path at a local directory saved with save_pretrained, or null for the tiny model.")
+    validate_model_source(m)
+    validate_model_dtype(m)
     tiny = m.tiny
     require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
             f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")

@@ -120,7 +120,9 @@ def find_run_config(adapter_dir: Path) -> Path:
 
 def _check_config(cfg: FedtuneConfig, config_path: Path) -> None:
     """The settings that rebuilding the model and evaluating need (privacy and federation settings do not matter)."""
-    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+    # A GGUF base (model.gguf_file) has no config.json beside it; validate_model checks its file.
+    hf_folder = cfg.model.path is not None and cfg.model.gguf_file is None
+    if hf_folder and not (Path(str(cfg.model.path)) / "config.json").is_file():
         raise UsageError("model.path", f"'{cfg.model.path}' is not a Hugging Face model directory here (no "
                          f"config.json); {config_path} names the base model's path where the run trained",
                          "Give the base model's local copy on this machine: model.path=DIR.")
@@ -160,7 +162,7 @@ def _warn_if_other_base(run: AdapterRun, fingerprint: str) -> None:
 
 
 def load_model(run: AdapterRun) -> LoadedAdapter:
-    """Rebuild the run's base model and load the adapter onto it with peft (inference mode, CPU, float32)."""
+    """Rebuild the run's base model and load the adapter onto it with peft (inference mode, CPU, model.dtype)."""
     task_type = get_task(run.cfg.model.task).peft_task_type
     saved_type = json.loads((run.adapter_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("task_type")
     if saved_type != task_type:

@@ -9,17 +9,30 @@ config under a fixed seed (deterministic on CPU), so no weights are ever downloa
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import secrets
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from transformers import AutoTokenizer, ByT5Tokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from fedtune.config import LoraSettings, ModelConfig
 from fedtune.errors import ConfigError
@@ -40,6 +53,15 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj"],
     "gpt_neox": ["query_key_value", "dense"],
 }
+
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Written last into a converted GGUF folder: where its weights came from.
+GGUF_SOURCE_FILE = "fedtune-gguf.json"
 
 
 def build_tokenizer() -> PreTrainedTokenizerBase:
@@ -82,22 +104,137 @@ def build_tiny_model(task: Task[Any, Any], cfg: ModelConfig, vocab_size: int) ->
         return task.tiny_model(config, cfg)
 
 
+def default_gguf_cache() -> Path:
+    """``$XDG_CACHE_HOME/fedtune/gguf``, i.e. ``~/.cache/fedtune/gguf`` by default."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedtune" / "gguf"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (GGUF files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Optional[Path]:
+    """The local Hugging Face folder that ``model.path`` (with ``model.gguf_file``) stands for.
+
+    None for the built-in tiny model.  A GGUF checkpoint is converted once into a
+    safetensors folder named by the file's SHA-256 under ``model.cache_dir`` and that
+    folder is returned, so every task loads a GGUF model exactly as it loads any other
+    local directory.  Keying by content (not by name or path) means a changed file is
+    converted afresh and two copies of the same file share one conversion.
+    """
+    if cfg.path is None:
+        return None
+    if cfg.gguf_file is None:
+        return Path(cfg.path)
+    gguf = Path(cfg.path) / cfg.gguf_file
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_gguf_cache()
+    return cached_gguf_dir(gguf, root)
+
+
+def cached_gguf_dir(gguf: Path, cache_root: Path) -> Path:
+    """``cache_root/<sha256>``, converting ``gguf`` into it first unless an earlier run did.
+
+    Several processes may start at once (the sites of a simulation): an exclusive lock on
+    ``<sha256>.lock`` lets one convert while the others wait and then reuse its folder.
+    The conversion is written to a temporary folder and renamed into place, so a crash
+    never leaves a half-written folder where a later run would take it for a finished one.
+    """
+    sha = file_sha256(gguf)
+    target = cache_root / sha
+    if (target / GGUF_SOURCE_FILE).is_file():
+        log.info("GGUF %s: cache hit, reusing %s", gguf.name, target)
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with (cache_root / f"{sha}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / GGUF_SOURCE_FILE).is_file():
+            log.info("GGUF %s: cache hit (another process wrote it), reusing %s", gguf.name, target)
+            return target
+        for stale in cache_root.glob(f".{sha}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crashed conversion; we hold the lock
+        started = time.perf_counter()
+        scratch = cache_root / f".{sha}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            convert_gguf(gguf, scratch, sha)
+            if target.exists():
+                shutil.rmtree(target)  # a folder without its source file is an unfinished copy
+            os.rename(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("GGUF %s: cache miss, dequantised to float32 into %s in %.1f s", gguf.name, target,
+             time.perf_counter() - started)
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path, sha: str) -> None:
+    """Dequantise ``gguf`` through transformers and save it to ``out`` as a float32 safetensors folder.
+
+    transformers refuses to save a model it loaded from GGUF (the model keeps the GGUF
+    quantiser), so the weights move into a model rebuilt from the same config without
+    ``quantization_config``.  The rebuild happens on the meta device and takes the loaded
+    tensors as they are, so nothing is initialised at random and nothing is copied twice.
+    The conversion is always float32: one cached copy serves every ``model.dtype``.
+    """
+    import transformers
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    rebuilt.tie_weights()
+    out.mkdir(parents=True)
+    rebuilt.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    source = {"gguf_file": gguf.name, "sha256": sha, "dtype": "float32",
+              "transformers": transformers.__version__}
+    (out / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def cast_base_weights(model: PreTrainedModel, dtype: str) -> None:
+    """Store the frozen parameters in ``model.dtype``; buffers keep theirs.
+
+    Parameters only: a float buffer such as Llama's rotary ``inv_freq`` is kept float32 by
+    transformers itself (its forward upcasts it), and casting it would lose RoPE precision.
+    Casting after a float32 load (rather than loading in the dtype) keeps the tasks' model
+    loading one code path for every dtype; round-to-nearest is deterministic, so every
+    party casts to the same bits.
+    """
+    target = TORCH_DTYPES[dtype]
+    if target == torch.float32:
+        return
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(target)
+
+
 def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (or build) the frozen base model and its tokenizer, on CPU, in float32.
+    """Load (or build) the frozen base model and its tokenizer, on CPU, in ``model.dtype``.
 
     The model class is the task's (``model.task``); a head the task adds (a classifier's)
     is initialised under ``model.seed`` so that every party starts from the same head (it
-    is trained and averaged with the adapter).
+    is trained and averaged with the adapter).  A GGUF checkpoint arrives here as its
+    converted folder (:func:`resolve_model_dir`), so the tasks never see GGUF.
     """
     task = get_task(cfg.task)
-    tokenizer = build_tokenizer() if cfg.path is None else AutoTokenizer.from_pretrained(Path(cfg.path))
+    source = resolve_model_dir(cfg)
+    tokenizer = build_tokenizer() if source is None else AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.path is None:
+    if source is None:
         model = build_tiny_model(task, cfg, vocab_size=len(tokenizer))
     else:
         with seeded(cfg.seed):
-            model = task.pretrained_model(Path(cfg.path), cfg, tokenizer)
+            model = task.pretrained_model(source, cfg, tokenizer)
+    cast_base_weights(model, cfg.dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     return model, tokenizer
@@ -133,7 +270,31 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int, task_type
         task_type=task_type,
     )
     with seeded(seed + 1):
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
+    keep_trained_in_float32(wrapped)
+    return wrapped
+
+
+def _inputs_to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def keep_trained_in_float32(model: PeftModel) -> None:
+    """Make every trained tensor float32 over a low-precision base (``model.dtype``).
+
+    DP-SGD's noise and small updates added to bfloat16/float16 weights would mostly round
+    away, and the wire format is float32.  peft already upcasts the LoRA tensors
+    (``autocast_adapter_dtype``) and casts their input; a trained copy of a head
+    (``modules_to_save``) is a plain copy of the base's low-precision module, so it is
+    upcast here and given a pre-hook that casts its input to float32 (Opacus' hooks then
+    see float32 activations, and so float32 per-record gradients).
+    """
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad and p.dtype != torch.float32 for p in own):
+            for param in own:
+                param.data = param.data.float()
+            module.register_forward_pre_hook(_inputs_to_float32)
 
 
 def build_lora_model(cfg: ModelConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:

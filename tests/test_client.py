@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -122,3 +124,13 @@ def test_a_site_builds_its_model_and_partitions_its_data_once_per_process(tiny_c
     summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), show_progress=False)
     assert summary.rounds_completed == 3 and all(len(r["participants"]) == 3 for r in summary.rows)
     assert len(builds) == 1 and len(loads) == 1
+
+
+def test_bfloat16_base_site_sends_a_float32_update(tiny_cfg: FedtuneConfig) -> None:
+    """model.dtype=bfloat16 lowers the frozen base only: the site's update is float32, finite and non-zero."""
+    tiny_cfg.model.dtype = "bfloat16"
+    reply = site.train(_train_message(tiny_cfg), _site(tiny_cfg), tiny_cfg, _records(tiny_cfg))
+    assert reply.content[protocol.STATUS]["status"] == protocol.STATUS_OK
+    update = adapters.from_array_record(reply.content[protocol.UPDATE])
+    assert all(v.dtype == np.float32 for v in update.values())
+    assert math.isfinite(adapters.l2_norm(update)) and adapters.l2_norm(update) > 0

@@ -304,3 +304,28 @@ def test_app_pin_refuses_any_other_app_or_version() -> None:
     assert reason is not None and "0.2.0" in reason and "0.1.0" in reason
     assert pin.refusal(run("evil/fedtune", "0.1.0")) is not None
     assert pin.refusal(run("", "")) is not None
+
+
+def test_a_site_names_its_own_gguf_copy_and_takes_the_runs_dtype(fed_dir: Path, tmp_path: Path) -> None:
+    """The GGUF file and its cache are the site's (site.yaml); the base dtype is shared, like the LoRA shape."""
+    pytest.importorskip("gguf")
+    from gguf_files import write_tiny_gguf
+
+    paths, fed = load_federation(fed_dir)
+    write_demo_data(paths, fed, demo_records=200)
+    home = tmp_path / "homes" / "hosp-c"
+    site_yaml = _install_kit(paths, "hosp-c", home)
+    (home / "base").mkdir()
+    write_tiny_gguf(home / "base" / "tiny.gguf")
+    site = load_site_config(site_yaml, ["model_path=base", "model_gguf_file=tiny.gguf", "model_cache_dir=cache"])
+    server_cfg = from_dict({"model": {"dtype": "bfloat16", "gguf_file": "../../etc/passwd",
+                                      "cache_dir": "/server/cache", "path": "/server/model"}})
+    local = site_run_config(json.dumps(to_dict(server_cfg)), site)
+    assert (local.model.path, local.model.gguf_file) == (str(home / "base"), "tiny.gguf")
+    assert local.model.cache_dir == str(home / "cache") and local.model.dtype == "bfloat16"
+    for override in ("model_gguf_file=../base/tiny.gguf", "model_gguf_file=absent.gguf"):
+        with pytest.raises(ConfigError) as err:
+            load_site_config(site_yaml, ["model_path=base", override])
+        assert err.value.field == "model_gguf_file", override
+    with pytest.raises(ConfigError, match="model_path is null"):
+        load_site_config(site_yaml, ["model_gguf_file=tiny.gguf"])

@@ -171,6 +171,8 @@ def fingerprint_main(argv: list[str]) -> None:
         site = load_site_config(args.site_config)
         cfg = load_structured(FedtuneConfig, overrides=args.overrides)
         cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
+        cfg.model.gguf_file = site.model_gguf_file
+        cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
         cfg.secagg.enabled = False
         validate(cfg)
     except ConfigError as exc:

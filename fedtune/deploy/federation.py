@@ -175,6 +175,8 @@ budget:
   require_privacy: true            # refuse any round that is not DP-SGD
 ledger_path: ledger.sqlite         # your privacy ledger: keep it (and back it up), it is your budget's memory
 model_path: null                   # your copy of the federation's base model; null: the built-in tiny model
+model_gguf_file: null              # a GGUF checkpoint inside model_path (converted once, cached); null: none
+model_cache_dir: null              # where converted GGUF weights are kept; null: ~/.cache/fedtune/gguf
 policy:                            # the rounds you accept, whatever the server asks
   min_noise_multiplier: 0.3        # least DP-SGD noise σ
   max_sample_rate: 0.5             # largest Poisson sampling rate q

@@ -44,6 +44,7 @@ SERVER_FIELDS: tuple[tuple[str, Callable[[Any], bool]], ...] = (
     ("model.lora.rank", _int), ("model.lora.alpha", _number), ("model.lora.dropout", _number),
     ("model.lora.target_modules", _modules), ("model.lora.use_dora", lambda v: isinstance(v, bool)),
     ("model.seed", _int), ("model.task", lambda v: isinstance(v, str)), ("model.num_labels", _int),
+    ("model.dtype", lambda v: isinstance(v, str)),
     ("data.max_length", _int),
 )
 MAX_RUN_CONFIG_BYTES = 1 << 20
@@ -119,6 +120,8 @@ def site_run_config(raw: str, site: SiteConfig) -> FedtuneConfig:
     cfg.privacy.accountant = site.budget.accountant
     cfg.privacy.enabled = site.budget.require_privacy
     cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
+    cfg.model.gguf_file = site.model_gguf_file
+    cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
     cfg.train.torch_threads = site.torch_threads
     cfg.train.seed = None
     # The secure-aggregation parameters of a round travel in its stage messages.

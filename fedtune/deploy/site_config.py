@@ -67,6 +67,11 @@ class SiteConfig:
     # tiny model.  The server's model.path is never used here: each round carries the base
     # model's fingerprint, and a site whose own copy hashes differently refuses.
     model_path: Optional[str] = None
+    # A GGUF checkpoint (a file name) inside model_path; it is dequantised once into a
+    # safetensors folder under model_cache_dir (null: ~/.cache/fedtune/gguf).  null: model_path
+    # is a Hugging Face directory.
+    model_gguf_file: Optional[str] = None
+    model_cache_dir: Optional[str] = None
     device: str = "cpu"
     torch_threads: int = 1
     # The SuperNode's local Runtime API, where this site's executor fetches tasks.
@@ -146,6 +151,21 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
             require(site.resolve(site.model_path).is_dir(), "model_path",
                      f"directory {site.resolve(site.model_path)} does not exist",
                      "Point model_path at the local copy of the federation's base model.")
+        _check_gguf(site)
+
+
+def _check_gguf(site: SiteConfig) -> None:
+    """model_gguf_file names a file inside model_path (a plain name: never a path out of it)."""
+    name = site.model_gguf_file
+    if name is None:
+        return
+    require(site.model_path is not None, "model_gguf_file", "is set but model_path is null",
+             "Set model_path to the directory that holds the GGUF file.")
+    require(Path(name).name == name and name not in ("", ".", ".."), "model_gguf_file",
+             f"{name!r} is not a plain file name", "Give the file's name only; its directory is model_path.")
+    gguf = site.resolve(str(site.model_path)) / name
+    require(gguf.is_file(), "model_gguf_file", f"file {gguf} does not exist",
+             "Name the .gguf file inside model_path, or set model_gguf_file: null.")
 
 
 def load_site_config(path: str | Path, overrides: Optional[list[str]] = None, check_files: bool = True) -> SiteConfig:
