@@ -170,3 +170,21 @@ def test_default_cache_follows_xdg(monkeypatch, tmp_path: Path) -> None:
 def test_run_config_names_the_gguf_fields() -> None:
     cfg = FedtuneConfig()
     assert cfg.model.gguf_file is None and cfg.model.cache_dir is None and cfg.model.dtype == "float32"
+
+
+def test_the_gguf_config_group_composes_and_validates(gguf_dir, tmp_path: Path) -> None:
+    """``fedtune simulate model=gguf model.path=DIR model.gguf_file=NAME`` yields a valid typed config."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedtune.config import register_configs
+
+    folder, _ = gguf_dir
+    register_configs()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        composed = compose("config", overrides=["model=gguf", f"model.path={folder}", f"model.gguf_file={NAME}",
+                                                 f"model.cache_dir={tmp_path / 'cache'}", "model.dtype=bfloat16"])
+    cfg = OmegaConf.to_object(composed)
+    assert isinstance(cfg, FedtuneConfig) and cfg.model.gguf_file == NAME and cfg.model.dtype == "bfloat16"
+    validate_model(cfg.model)
