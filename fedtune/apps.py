@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TextIO
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
@@ -66,10 +66,11 @@ def ensure_logging(level: str) -> None:
 
 def make_server_app(cfg: Optional[FedtuneConfig] = None,
                     on_done: Optional[Callable[[ServerSummary], None]] = None,
-                    wait_timeout_s: Optional[float] = None) -> ServerApp:
+                    wait_timeout_s: Optional[float] = None, progress_file: Optional[TextIO] = None) -> ServerApp:
     """fedtune's ServerApp.  ``cfg`` given: a simulation, whose server may hold out a split of the
     pooled data; None: a deployment (``flwr run``), whose config arrives in the run config and
-    whose server evaluates only on ``data.eval_path``."""
+    whose server evaluates only on ``data.eval_path``.  ``progress_file``: where the round table
+    and its bar go (default: stdout and stderr)."""
     app = ServerApp()
 
     @app.main()
@@ -86,7 +87,7 @@ def make_server_app(cfg: Optional[FedtuneConfig] = None,
                              ledger_path=Path(raw_ledger) if raw_ledger else None,
                              # A config handed over directly is a simulation's, whose data is pooled;
                              # one from the run config is a deployment's, whose server holds no site data.
-                             pooled_data=cfg is not None)
+                             pooled_data=cfg is not None, progress_file=progress_file)
         if on_done is not None:
             on_done(summary)
 

@@ -1,21 +1,33 @@
-"""The ``fedtune`` command: ``fedtune simulate [hydra overrides...]``.
+"""The ``fedtune`` command: ``fedtune simulate [-v] [hydra overrides...]``.
 
 ``simulate`` is a Hydra app, so ``federation.num_sites=20``, ``--multirun`` sweeps and
-``hydra.run.dir=DIR`` (or ``run_dir=DIR``) work as in any Hydra program.
+``hydra.run.dir=DIR`` (or ``run_dir=DIR``) work as in any Hydra program.  It is quiet:
+the console gets the run's summary, the round table under a progress bar and the final
+lines, while Ray, Flower, warnings and every log line (the sites' too) go to the run
+directory's log.txt (:mod:`fedtune.run_log`).  ``-v`` / ``--verbose``, taken out of the
+arguments before Hydra reads them, leaves all of it on the console instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from fedtune.config import FedtuneConfig, register_configs
 from fedtune.data.records import DataError
 from fedtune.errors import ConfigError
+from fedtune.run_log import LOG_FILE, output_to_log
+
+if TYPE_CHECKING:
+    from fedtune.federation.server import ServerSummary
 
 log = logging.getLogger("fedtune")
+
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 USAGE = """usage: fedtune COMMAND [ARGS ...]
 
@@ -30,9 +42,11 @@ commands:
   evaluate          held-out metrics of a run's adapter: `fedtune evaluate ADAPTER [data.path=FILE] [--baseline]`
   generate          continue a prompt with a causal-LM run's adapter: `fedtune generate ADAPTER --prompt TEXT`
 
-fedtune simulate [OVERRIDE ...] [--multirun]
+fedtune simulate [-v] [OVERRIDE ...] [--multirun]
 
-  Runs a simulated federation (Flower simulation engine) configured by Hydra.
+  Runs a simulated federation (Flower simulation engine) configured by Hydra. It prints the
+  run's settings, one row per round and where the outputs are; everything else (Ray, Flower,
+  warnings, log lines) goes to RUN_DIR/log.txt. -v, --verbose: print all of it here instead.
   Examples:
     fedtune simulate
     fedtune simulate federation.num_sites=20 privacy.target_epsilon=4
@@ -67,19 +81,86 @@ def _resolve_run_dir(cfg: FedtuneConfig) -> None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
 
 
-def _simulate_job(raw_cfg) -> None:  # type: ignore[no-untyped-def]
+def _user_error(exc: Exception) -> SystemExit:
+    print(f"fedtune: {exc}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: Flower wraps a ServerApp's failure in a RuntimeError of its own."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        exc = inner
+        seen.add(id(exc))
+    return exc
+
+
+def _crash(exc: BaseException, log_path: Path) -> SystemExit:
+    """One line on the console for a failure whose traceback went to log.txt, and the exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"fedtune: interrupted; the run's log is {log_path}", file=sys.stderr)
+        return SystemExit(130)
+    if isinstance(exc, SystemExit):
+        print(f"fedtune: the simulation exited with code {exc.code}; see {log_path}", file=sys.stderr)
+        return SystemExit(exc.code)
+    cause = _root_cause(exc)
+    what = (str(cause).strip().splitlines() or [""])[0][:300]
+    print(f"fedtune: the simulation failed: {type(cause).__name__}: {what}\n"
+          f"  the traceback and the run's whole log are in {log_path}", file=sys.stderr)
+    return SystemExit(1)
+
+
+def _simulate_quietly(cfg: FedtuneConfig) -> "ServerSummary":
+    """:func:`fedtune.simulation.simulate` with descriptors 1 and 2 in log.txt and the table on the console.
+
+    Every failure is recorded in the log with its traceback and leaves one line on the
+    console; user errors (a bad config or data file) read exactly as without the log.
+    """
+    from fedtune.simulation import simulate
+
+    log_path = Path(str(cfg.run_dir)) / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Ray folds similar lines of different sites into one "[repeated 2x]" for a console; a log keeps each.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    failure: Optional[BaseException] = None
+    with output_to_log(log_path) as console:
+        try:
+            return_value = simulate(cfg, progress_file=console)
+        except (ConfigError, DataError) as exc:
+            failure = exc
+        except BaseException as exc:  # noqa: BLE001 - interrupts and exits too: the console must hear of them
+            # Into log.txt, which descriptor 2 is here (whatever object sys.stderr has become).
+            os.write(2, traceback.format_exc().encode("utf-8", "replace"))
+            failure = exc
+    if isinstance(failure, (ConfigError, DataError)):
+        raise _user_error(failure) from None
+    if failure is not None:
+        raise _crash(failure, log_path) from None
+    return return_value
+
+
+def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-def]
     from omegaconf import OmegaConf
 
-    from fedtune.simulation import simulate
+    from fedtune.simulation import check_config, describe_run, simulate
 
     cfg: FedtuneConfig = OmegaConf.to_object(raw_cfg)  # type: ignore[assignment]
     logging.getLogger("fedtune").setLevel(cfg.log_level)
     _resolve_run_dir(cfg)
+    cfg.run_dir = str(Path(str(cfg.run_dir)).resolve())
     try:
-        summary = simulate(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"fedtune: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        check_config(cfg)  # before anything is printed or created
+    except ConfigError as exc:
+        raise _user_error(exc) from None
+    print(*describe_run(cfg), sep="\n")
+    if verbose:
+        try:
+            summary = simulate(cfg)
+        except (ConfigError, DataError) as exc:
+            raise _user_error(exc) from None
+    else:
+        print(f"  log       {Path(cfg.run_dir) / LOG_FILE} (-v prints it here instead)\n", flush=True)
+        summary = _simulate_quietly(cfg)
     print(f"\n{summary.stop_reason}: {summary.rounds_completed} round(s).")
     print(f"Outputs: {summary.run_dir}")
     print("  metrics.jsonl, privacy_report.json/.md, adapters/round_NNN/, rounds.png, config.yaml")
@@ -90,12 +171,18 @@ def simulate_main(argv: list[str]) -> None:
 
     register_configs()
     directory = config_dir()
-    sys.argv = [sys.argv[0], *argv]
+    # Hydra has no -v of its own, and would read one as an override.
+    verbose = any(arg in VERBOSE_FLAGS for arg in argv)
+    sys.argv = [sys.argv[0], *(arg for arg in argv if arg not in VERBOSE_FLAGS)]
+
+    def job(raw_cfg) -> None:  # type: ignore[no-untyped-def]
+        _simulate_job(raw_cfg, verbose)
+
     decorated = hydra.main(
         version_base="1.3",
         config_path=str(directory) if directory else None,
         config_name="config" if directory else "fedtune_schema",
-    )(_simulate_job)
+    )(job)
     decorated()
 
 

@@ -135,6 +135,11 @@ class TrainConfig:
     seed: Optional[int] = None
 
 
+# Where a simulated site trains (federation.site_device).  Ray gives each site actor the GPUs
+# it reserved as CUDA device 0 (CUDA_VISIBLE_DEVICES), so "cuda" names it; cuda:N would not.
+SITE_DEVICES = ("cpu", "cuda")
+
+
 @dataclass
 class FederationConfig:
     num_sites: int = 5
@@ -144,13 +149,28 @@ class FederationConfig:
     strategy: str = "fedavg"
     # A site's update larger than this many bytes is rejected unread.
     max_update_bytes: int = 256 * 1024 * 1024
+    # Ray resources each simulated site reserves (client_resources): CPUs, and GPUs, which may
+    # be a fraction (0.5: two sites share one GPU).  Ray runs as many sites at once as fit.
     cpus_per_site: float = 1.0
+    gpus_per_site: float = 0.0
+    # Where a simulated site trains: cpu or cuda; null: cuda when gpus_per_site > 0, else cpu.
+    # (A deployed site names its own device in site.yaml.)
+    site_device: Optional[str] = None
+    # An existing Ray cluster to simulate on (ray.init's address: "auto", "HOST:6379",
+    # "ray://HOST:10001"); null starts a local Ray instance sized to this machine.
+    ray_address: Optional[str] = None
     seed: int = 0
     # How long the server waits for num_sites sites to connect before starting with fewer.
     wait_for_sites_s: float = 120.0
     # How long one round trip waits for replies before treating silent sites as dropped
     # (null: wait indefinitely, as in simulation where no site can vanish).
     round_timeout_s: Optional[float] = None
+
+    def site_training_device(self) -> str:
+        """The device a simulated site trains on: ``site_device``, or the one its reservation implies."""
+        if self.site_device is not None:
+            return self.site_device
+        return "cuda" if self.gpus_per_site > 0 else "cpu"
 
 
 @dataclass
@@ -229,10 +249,32 @@ def validate_federation(f: FederationConfig) -> None:
                 "Use null (all sites) or a number in that range.")
     _choice(f.strategy, STRATEGIES, "federation.strategy")
     require(f.max_update_bytes > 0, "federation.max_update_bytes", "must be positive", "Use e.g. 268435456.")
-    require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
     require(f.wait_for_sites_s > 0, "federation.wait_for_sites_s", "must be positive", "Use e.g. 120.")
     require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
             f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
+    validate_site_resources(f)
+
+
+def validate_site_resources(f: FederationConfig) -> None:
+    """What a simulated site reserves from Ray and where it trains, as far as the config alone tells.
+
+    Whether this machine has the GPUs is checked where the simulation starts
+    (:func:`fedtune.simulation.check_devices`): a deployment's server validates the same
+    config on a machine whose GPUs, if any, are irrelevant.
+    """
+    require(f.cpus_per_site > 0, "federation.cpus_per_site", "must be positive", "Use e.g. 1.")
+    require(f.gpus_per_site >= 0 and math.isfinite(f.gpus_per_site), "federation.gpus_per_site",
+            f"{f.gpus_per_site} is not a number of GPUs ≥ 0",
+            "Use 0 (CPU only), a fraction such as 0.5 (two sites share a GPU), or 1.")
+    if f.site_device is not None:
+        _choice(f.site_device, SITE_DEVICES, "federation.site_device")
+    # Ray sets CUDA_VISIBLE_DEVICES="" in an actor that reserves no GPU, so such a site sees none.
+    require(f.site_training_device() != "cuda" or f.gpus_per_site > 0, "federation.site_device",
+            "is cuda but federation.gpus_per_site=0: Ray hides every GPU from a site that reserves none",
+            "Set federation.gpus_per_site (e.g. 0.5: two sites per GPU, or 1), or federation.site_device=cpu.")
+    if f.ray_address is not None:
+        require(f.ray_address.strip() != "", "federation.ray_address", "is empty",
+                "Give the cluster's address (auto, HOST:6379 or ray://HOST:10001), or null for a local Ray.")
 
 
 def validate_task(m: ModelConfig, d: DataConfig) -> None:

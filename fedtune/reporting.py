@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, TextIO
+
+from tqdm.auto import tqdm
 
 from fedtune.checkpoint import atomic_write_text
 
@@ -18,6 +21,8 @@ TABLE_HEADER = f"{'round':>5} {'trained':>7} {'refused':>7} {'train loss':>10} {
 def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
+    if isinstance(value, str):  # a metrics line's JSON "inf" (json_number): a non-private run's ε
+        return value
     return format(value, spec)
 
 
@@ -25,6 +30,37 @@ def table_row(row: dict[str, Any]) -> str:
     return (f"{row['round']:>5} {len(row['participants']):>7} {len(row['refusals']):>7} "
             f"{_fmt(row['train_loss'], '.4f'):>10} {_fmt(row.get('eval_loss'), '.4f'):>9} "
             f"{_fmt(row.get('eval_perplexity'), '.2f'):>8} {_fmt(row['max_epsilon'], '.3f'):>7}")
+
+
+@dataclass(frozen=True)
+class RoundTable:
+    """Where the round table and its progress bar go: nowhere, the process's own streams, or ``file``.
+
+    ``file`` is for a caller that has sent the process's stdout and stderr elsewhere: a quiet
+    ``fedtune simulate`` points file descriptors 1 and 2 at the run's log.txt (so Ray, Flower
+    and every library print there) and hands its copy of the console here.  Bar and rows then
+    share one stream, which tqdm needs to clear the bar before a row and redraw it after; a
+    ``file`` that is not a terminal (a pipe, ``| tee``) gets the rows without the bar's
+    carriage-return redraws.  None keeps tqdm's defaults (bar on sys.stderr, rows on sys.stdout).
+    """
+
+    enabled: bool = True
+    file: Optional[TextIO] = None
+
+    def bar(self, rounds: Iterable[int]) -> "tqdm[int]":
+        """The progress bar over ``rounds``, under the table's header."""
+        hidden = not self.enabled or (self.file is not None and not self.file.isatty())
+        bar = tqdm(rounds, desc="rounds", unit="round", disable=hidden, file=self.file)
+        self.write(TABLE_HEADER)
+        return bar
+
+    def row(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            self.write(table_row(row))
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=self.file)
 
 
 def json_number(value: float) -> float | str:

@@ -5,23 +5,58 @@ former in favour of ``flwr run``, but ``flwr run``'s local simulation builds a f
 environment from the package registry on every run (about 46 s here, and impossible
 offline, which is how hospitals' machines are).  ``run_simulation`` starts the same
 ServerApp and ClientApp, in the same Ray backend, in-process and offline.
+
+Ray either starts privately on this machine (``federation.ray_address`` null: sized to
+its CPU count) or the run joins an existing cluster, whose nodes then need fedtune at the
+same paths and ``run_dir`` on a shared file system (the simulated sites write their
+ledgers under it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
+from typing import Any, Optional, TextIO
 
 from fedtune.checkpoint import atomic_write_text
 from fedtune.apps import make_client_app, make_server_app
 from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
+from fedtune.errors import require
 from fedtune.federation.server import ServerSummary
 from fedtune.validation import validate, validate_against_data
 
 log = logging.getLogger(__name__)
+
+
+def check_devices(cfg: FedtuneConfig) -> None:
+    """The GPUs the sites reserve exist here, before Ray starts and waits forever for them.
+
+    Skipped for a run on an existing cluster: its nodes' GPUs count there, not this
+    machine's, and Flower's actor pool refuses resources the cluster lacks.
+    """
+    f = cfg.federation
+    if f.ray_address is not None or (f.gpus_per_site == 0 and f.site_training_device() == "cpu"):
+        return
+    import torch
+
+    name = "federation.gpus_per_site" if f.gpus_per_site > 0 else "federation.site_device"
+    require(torch.cuda.is_available(), name,
+            f"sites are to train on a GPU (gpus_per_site={f.gpus_per_site:g}, device "
+            f"{f.site_training_device()}) but torch sees no CUDA device on this machine",
+            "Set federation.gpus_per_site=0 and federation.site_device=cpu (or null), install a CUDA build of "
+            "torch, or run on a Ray cluster with GPUs (federation.ray_address=...).")
+    count = torch.cuda.device_count()
+    require(f.gpus_per_site <= count, "federation.gpus_per_site",
+            f"each site reserves {f.gpus_per_site:g} GPUs but this machine has {count}",
+            f"Use at most {count}, or a fraction such as 0.5 to share a GPU between sites.")
+
+
+def check_config(cfg: FedtuneConfig) -> None:
+    """Everything that can fail before any record is read: the config, then this machine's GPUs."""
+    validate(cfg)
+    check_devices(cfg)
 
 
 def check_data(cfg: FedtuneConfig) -> None:
@@ -36,9 +71,56 @@ def write_resolved_config(cfg: FedtuneConfig, run_dir: Path) -> None:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def simulate(cfg: FedtuneConfig) -> ServerSummary:
-    """Validate, then run ``cfg.federation.num_sites`` virtual sites to completion."""
-    validate(cfg)
+def backend_config(cfg: FedtuneConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: what each site reserves, and how Ray starts or connects.
+
+    A local Ray is sized to this machine without its dashboard.  On an existing cluster
+    ``ray.init`` takes the address alone: it refuses ``num_cpus`` when connecting, and the
+    cluster's own settings decide its dashboard.  ``log_to_driver`` brings the sites'
+    output (their log lines, their warnings) to this process, whose stdout and stderr a
+    quiet ``fedtune simulate`` sends to the run's log.txt.
+    """
+    f = cfg.federation
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if f.ray_address is None:
+        init_args.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    else:
+        init_args["address"] = f.ray_address
+    return {
+        "client_resources": {"num_cpus": f.cpus_per_site, "num_gpus": f.gpus_per_site},
+        "init_args": init_args,
+    }
+
+
+def describe_run(cfg: FedtuneConfig) -> list[str]:
+    """The few lines a researcher checks before a run starts: what trains on what, how privately, where."""
+    m, d, f, p, t = cfg.model, cfg.data, cfg.federation, cfg.privacy, cfg.train
+    model = m.path or f"built-in tiny Llama-style model (hidden {m.tiny.hidden_size}, {m.tiny.num_layers} layers)"
+    data = d.path or f"built-in demo corpus ({d.demo_records} records)"
+    split = "iid" if d.partition == "iid" else f"dirichlet α={d.dirichlet_alpha:g}"
+    per_round = f", {f.sites_per_round} a round" if f.sites_per_round is not None else ""
+    gpus = f" + {f.gpus_per_site:g} GPU" if f.gpus_per_site > 0 else ""
+    where = f"Ray cluster {f.ray_address}" if f.ray_address is not None else "local Ray"
+    privacy = (f"ε ≤ {p.target_epsilon:g} per site, δ = {p.delta:g} ({p.accountant}; σ = {p.noise_multiplier:g}, "
+               f"q = {p.sample_rate:g}, {t.local_steps} steps a round)" if p.enabled else "off (no DP-SGD)")
+    secagg = "on (SecAgg+: the server sees only sums)" if cfg.secagg.enabled else "off"
+    return [
+        f"  model     {model}; {m.task}, LoRA rank {m.lora.rank}",
+        f"  data      {data}, {split}",
+        f"  sites     {f.num_sites} sites{per_round}, {f.num_rounds} rounds, {f.strategy}",
+        f"  compute   {f.cpus_per_site:g} CPU{gpus} per site, training on {f.site_training_device()}, {where}",
+        f"  privacy   {privacy}",
+        f"  secagg    {secagg}",
+        f"  run dir   {cfg.run_dir}",
+    ]
+
+
+def simulate(cfg: FedtuneConfig, progress_file: Optional[TextIO] = None) -> ServerSummary:
+    """Validate, then run ``cfg.federation.num_sites`` virtual sites to completion.
+
+    ``progress_file``: where the round table and its bar go (default: stdout and stderr).
+    """
+    check_config(cfg)
     check_data(cfg)
     cfg.run_dir = str(Path(cfg.run_dir or "runs/default").resolve())
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -47,18 +129,10 @@ def simulate(cfg: FedtuneConfig) -> ServerSummary:
     from flwr.simulation import run_simulation
 
     summaries: list[ServerSummary] = []
-    server_app = make_server_app(cfg, on_done=summaries.append)
+    server_app = make_server_app(cfg, on_done=summaries.append, progress_file=progress_file)
     client_app = make_client_app(cfg)
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR",
-                      "log_to_driver": True},
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_sites,
-                       backend_config=backend_config)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_sites,
+                   backend_config=backend_config(cfg))  # type: ignore[arg-type]
     if not summaries:
-        raise RuntimeError(f"the simulation ended without a result; see the log above and {cfg.run_dir}")
+        raise RuntimeError(f"the simulation ended without a result; see its log and {cfg.run_dir}")
     return summaries[0]

@@ -76,6 +76,8 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
         delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
         require_privacy=cfg.privacy.enabled,
+        # Inside a Ray actor "cuda" is the GPU share Ray reserved for it (federation.gpus_per_site).
+        device=cfg.federation.site_training_device(),
         release_train_loss=cfg.privacy.release_train_loss,
         policy=SitePolicy.permissive(secure_aggregation=cfg.secagg.enabled),
     )

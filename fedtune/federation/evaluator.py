@@ -27,6 +27,7 @@ from fedtune.data import Record, load_federated_data, load_jsonl
 from fedtune.evaluate import EvalResult
 from fedtune.federation import run_files
 from fedtune.federation.versions import AdapterVersion, GlobalAdapter
+from fedtune.reporting import RoundTable
 from fedtune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def log_baseline(evaluation: Evaluation, next_round: int) -> None:
 
 
 def finish_interrupted_round(run_dir: Path, adapter: GlobalAdapter, baseline: Evaluation,
-                             show_progress: bool) -> None:
+                             table: RoundTable) -> None:
     """After a crash between a round's checkpoint and its metrics line, write what is missing.
 
     The resumed server has just evaluated the checkpointed adapter, which is exactly the
@@ -88,15 +89,15 @@ def finish_interrupted_round(run_dir: Path, adapter: GlobalAdapter, baseline: Ev
         adapter.save(adapter.current(list(row.get("participants", []))))
     log.info("round %d was checkpointed before the server stopped; writing its metrics line now", adapter.round)
     done = run_files.complete_row(row, baseline.result, baseline.seconds, float(row.get("round_seconds", 0.0)))
-    run_files.record_row(run_dir, done, show_progress)
+    run_files.record_row(run_dir, done, table)
 
 
 class RoundFinisher:
     """Saves each round's adapter directory, evaluates it and writes its metrics line, on one thread."""
 
-    def __init__(self, evaluator: Evaluator, adapter: GlobalAdapter, run_dir: Path, show_progress: bool) -> None:
+    def __init__(self, evaluator: Evaluator, adapter: GlobalAdapter, run_dir: Path, table: RoundTable) -> None:
         self.evaluator, self.adapter = evaluator, adapter
-        self.run_dir, self.show_progress = run_dir, show_progress
+        self.run_dir, self.table = run_dir, table
         self.rows: list[dict[str, Any]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-eval")
         self._pending: Optional[Future] = None
@@ -119,7 +120,7 @@ class RoundFinisher:
             self.adapter.save(version)
         evaluation = self.evaluator.evaluate(state)
         done = run_files.complete_row(row, evaluation.result, evaluation.seconds, round_seconds)
-        run_files.record_row(self.run_dir, done, self.show_progress)
+        run_files.record_row(self.run_dir, done, self.table)
         self.rows.append(done)
 
     def __enter__(self) -> "RoundFinisher":

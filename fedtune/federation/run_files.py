@@ -16,11 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from tqdm.auto import tqdm
-
-from fedtune import reporting
 from fedtune.checkpoint import append_jsonl, atomic_write_text
 from fedtune.evaluate import EvalResult
+from fedtune.reporting import RoundTable
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +59,11 @@ def complete_row(row: dict[str, Any], result: Optional[EvalResult], eval_seconds
             "aggregation_seconds": row.get("aggregation_seconds", 0.0), "eval_seconds": eval_seconds}
 
 
-def record_row(run_dir: Path, row: dict[str, Any], show_progress: bool) -> None:
-    """Append the finished line and drop the pending one."""
+def record_row(run_dir: Path, row: dict[str, Any], table: RoundTable) -> None:
+    """Append the finished line, drop the pending one, and show it in the round table."""
     append_jsonl(run_dir / METRICS_FILE, row)
     (run_dir / PENDING_ROW).unlink(missing_ok=True)
-    if show_progress:
-        tqdm.write(reporting.table_row(row))
+    table.row(row)
 
 
 def logged_rounds(run_dir: Path) -> set[int]:

@@ -20,12 +20,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 from flwr.serverapp import Grid
-from tqdm.auto import tqdm
 
-from fedtune import adapters, governance, reporting
+from fedtune import adapters, governance
 from fedtune.config import FedtuneConfig
 from fedtune.federation import run_files
 from fedtune.federation.evaluator import (
@@ -45,6 +44,7 @@ from fedtune.federation.secure_server import SecureAggregation
 from fedtune.federation.versions import GlobalAdapter
 from fedtune.models import FingerprintedModel, build_fingerprinted_model
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.reporting import RoundTable
 from fedtune.strategies import Strategy, make_strategy
 
 __all__ = ["ServerOptions", "ServerSummary", "default_protocol", "round_config", "run_id_of", "run_server"]
@@ -146,7 +146,8 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
 def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: float = 120.0,
                round_timeout_s: Optional[float] = None, show_progress: bool = True,
                enrolled: Optional[dict[int, str]] = None, ledger_path: Optional[Path] = None,
-               round_protocol: Optional[RoundProtocol] = None, pooled_data: bool = True) -> ServerSummary:
+               round_protocol: Optional[RoundProtocol] = None, pooled_data: bool = True,
+               progress_file: Optional[TextIO] = None) -> ServerSummary:
     """Run the federation to completion and write every output into ``run_dir``.
 
     ``ledger_path`` is the server's privacy ledger (default: in ``run_dir``); a deployment
@@ -154,10 +155,13 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     ``round_protocol`` replaces the config's (:func:`default_protocol`), e.g. by a wrapper
     around it.  ``pooled_data``: ``cfg.data`` is the pooled data of a simulation, whose
     held-out split the server may evaluate on; a deployment's server holds no site data
-    and evaluates only on ``data.eval_path``.
+    and evaluates only on ``data.eval_path``.  ``progress_file``: where the round table and its
+    progress bar go (default: tqdm's, stdout and stderr), e.g. the console of a quiet CLI whose
+    own stdout and stderr go to a log file.
     """
     options = ServerOptions(wait_timeout_s, round_timeout_s, show_progress, enrolled, ledger_path, round_protocol,
                             pooled_data)
+    table = RoundTable(show_progress, progress_file)
     run, start_round = prepare(grid, cfg, run_dir, options)
     evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data))
     run.sites = connect_sites(grid, cfg.federation.num_sites, wait_timeout_s, enrolled)
@@ -165,13 +169,10 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         return ServerSummary(run_dir, 0, "no site connected")
     baseline = evaluator.evaluate(run.adapter.state)
     log_baseline(baseline, start_round)
-    finish_interrupted_round(run_dir, run.adapter, baseline, show_progress)
+    finish_interrupted_round(run_dir, run.adapter, baseline, table)
     summary = ServerSummary(run_dir, start_round - 1, "all rounds completed")
-    bar = tqdm(range(start_round, cfg.federation.num_rounds + 1), desc="rounds", unit="round",
-               disable=not show_progress)
-    if show_progress:
-        tqdm.write(reporting.TABLE_HEADER)
-    with RoundFinisher(evaluator, run.adapter, run_dir, show_progress) as finisher:
+    bar = table.bar(range(start_round, cfg.federation.num_rounds + 1))
+    with RoundFinisher(evaluator, run.adapter, run_dir, table) as finisher:
         for round_number in bar:
             stop = run.play(round_number, finisher)
             if stop is not None:
