@@ -163,6 +163,7 @@ def fingerprint_main(argv: list[str]) -> None:
                              "model.num_labels=2 (the classification head is part of the base model)")
     args = parser.parse_args(argv)
     from fedtune.config import FedtuneConfig, load_structured
+    from fedtune.deploy.run_config import use_site_model
     from fedtune.deploy.site_config import load_site_config
     from fedtune.models import build_fingerprinted_model
     from fedtune.validation import validate
@@ -170,9 +171,7 @@ def fingerprint_main(argv: list[str]) -> None:
     try:
         site = load_site_config(args.site_config)
         cfg = load_structured(FedtuneConfig, overrides=args.overrides)
-        cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
-        cfg.model.gguf_file = site.model_gguf_file
-        cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
+        use_site_model(cfg, site)
         cfg.secagg.enabled = False
         validate(cfg)
     except ConfigError as exc:

@@ -81,6 +81,17 @@ def _assign(cfg: FedtuneConfig, dotted: str, value: Any) -> None:
     setattr(node, name, float(value) if isinstance(getattr(node, name), float) else value)
 
 
+def use_site_model(cfg: FedtuneConfig, site: SiteConfig) -> None:
+    """Point ``cfg.model`` at this site's own copy of the base model (never the server's path).
+
+    ``fedtune client fingerprint`` and every round use this one rule, so the fingerprint a
+    site pins is the one it computes when it trains.
+    """
+    cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
+    cfg.model.gguf_file = site.model_gguf_file
+    cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
+
+
 def parse_server_config(raw: str) -> dict:
     """The server's run config as plain JSON; Refusal if it is not an object or holds ``${``."""
     if not isinstance(raw, str) or len(raw) > MAX_RUN_CONFIG_BYTES:
@@ -119,9 +130,7 @@ def site_run_config(raw: str, site: SiteConfig) -> FedtuneConfig:
     cfg.privacy.delta = site.budget.delta
     cfg.privacy.accountant = site.budget.accountant
     cfg.privacy.enabled = site.budget.require_privacy
-    cfg.model.path = str(site.resolve(site.model_path)) if site.model_path is not None else None
-    cfg.model.gguf_file = site.model_gguf_file
-    cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
+    use_site_model(cfg, site)
     cfg.train.torch_threads = site.torch_threads
     cfg.train.seed = None
     # The secure-aggregation parameters of a round travel in its stage messages.
