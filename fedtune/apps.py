@@ -159,6 +159,12 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
     """
     app = ClientApp()
     records = SiteRecords(deployed)
+    identity = None
+    if deployed is not None:
+        from fedtune.deploy.roster import KitIdentity
+
+        identity = KitIdentity(deployed.resolve(deployed.roster), deployed.resolve(deployed.root_certificates),
+                               deployed.site_id, deployed.resolve(deployed.auth_private_key))
 
     def settings_and_config(context: Context) -> tuple[site.SiteSettings, FedtuneConfig]:
         if deployed is None:
@@ -173,7 +179,8 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
                                      budget_epsilon=budget.epsilon, delta=budget.delta,
                                      accountant=budget.accountant, require_privacy=budget.require_privacy,
                                      device=deployed.device, policy=deployed.policy, accept_seed=False,
-                                     num_labels=site_num_labels(deployed))
+                                     num_labels=site_num_labels(deployed),
+                                     identity=identity.get() if identity is not None else None)
         return settings, config
 
     @app.query()

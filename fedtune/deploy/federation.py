@@ -161,6 +161,7 @@ site_id: {site_id}
 superlink: {address}
 root_certificates: ca.crt          # the federation CA: the only certificate this site trusts
 auth_private_key: {pki.SITE_PRIVATE_KEY}         # this site's own enrolment key (see above)
+roster: roster.json                # the enrolled sites' keys, signed by the CA (secure aggregation checks them)
 data:
   path: data.jsonl                 # your training data (JSONL: text, or prompt/response)
   format: auto
@@ -396,6 +397,19 @@ def _enrol(paths: FederationPaths, fed: Federation, ca: pki.CertificateAuthority
                      "with `fedtune client keygen` beside the kit's site.yaml (or sets auth_private_key to its path)",
                      site_id, site.fingerprint, kit)
     save_federation(paths, fed)
+    _write_rosters(paths, fed, ca)
+
+
+def _write_rosters(paths: FederationPaths, fed: Federation, ca: pki.CertificateAuthority) -> None:
+    """Every kit gets the CA-signed roster of all enrolled keys (sites enrolled earlier: copy it again)."""
+    from fedtune.checkpoint import atomic_write_text
+    from fedtune.deploy.roster import ROSTER_FILE, signed_roster
+
+    text = signed_roster(fed.name, len(fed.sites), {s.site_id: s.public_key for s in fed.sites}, ca.key)
+    for site in fed.sites:
+        atomic_write_text(paths.kit(site.site_id) / ROSTER_FILE, text)
+    log.info("roster version %d of %d enrolled site(s) written to every kit; sites enrolled before must copy "
+             "their kit's roster.json again", len(fed.sites), len(fed.sites))
 
 
 DEMO_EVAL_FILE = "eval.jsonl"

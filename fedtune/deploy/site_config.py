@@ -60,6 +60,9 @@ class SiteConfig:
     superlink: str = "127.0.0.1:9093"
     root_certificates: str = "ca.crt"
     auth_private_key: str = "auth.key"
+    # The CA-signed roster of enrolled sites' public keys (from the kit): secure aggregation
+    # verifies every neighbour's signed keys against it (fedtune.deploy.roster).
+    roster: str = "roster.json"
     data: SiteData = field(default_factory=SiteData)
     budget: SiteBudget = field(default_factory=SiteBudget)
     ledger_path: str = "ledger.sqlite"

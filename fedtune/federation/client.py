@@ -29,6 +29,7 @@ from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainab
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
+from fedtune.secagg.signing import Identity, simulated_identity
 from fedtune.strategies import make_strategy
 from fedtune.tasks import get_task
 
@@ -57,6 +58,9 @@ class SiteSettings:
     accept_seed: bool = True
     # The site's own class count for labelled data (a deployed site declares it in site.yaml).
     num_labels: Optional[int] = None
+    # Its signing key and the enrolled roster (secure aggregation against an active server);
+    # None: no valid roster, so every secure-aggregation stage is refused.
+    identity: Optional[Identity] = None
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
@@ -80,7 +84,13 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
         device=cfg.federation.site_training_device(),
         release_train_loss=cfg.privacy.release_train_loss,
         policy=SitePolicy.permissive(secure_aggregation=cfg.secagg.enabled),
+        identity=simulated_identity(str(run_dir), name, _simulated_sites(cfg.federation.num_sites, name)),
     )
+
+
+def _simulated_sites(num_sites: int, name: str) -> list[str]:
+    """The roster of a simulation: every partition's site name (and this site's own, if named otherwise)."""
+    return sorted({f"site-{i:02d}" for i in range(num_sites)} | {name})
 
 
 def site_records(context: Context, data: FederatedData) -> list[Record]:

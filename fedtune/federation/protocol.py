@@ -41,8 +41,11 @@ REFUSED_BASE_MODEL = "refused: base model mismatch"
 REFUSED_RUN_CONFIG = "refused: run config not accepted"
 FAILED_TRAINING = "failed: local training error"
 FAILED_PROTOCOL = "failed: secure aggregation protocol error"
+# A neighbour's signature failed, or the server's view of the round was inconsistent:
+# the site abandoned the round (its charge stays if it had masked its update).
+ABORTED_SECAGG = "aborted: secure aggregation check failed"
 CODES = (REFUSED_INVALID_MESSAGE, REFUSED_POLICY, REFUSED_BUDGET, REFUSED_BASE_MODEL, REFUSED_RUN_CONFIG,
-         FAILED_TRAINING, FAILED_PROTOCOL)
+         FAILED_TRAINING, FAILED_PROTOCOL, ABORTED_SECAGG)
 
 # Bounds a valid round config stays within whatever a site's policy says.
 MAX_LOCAL_STEPS = 100_000
@@ -152,7 +155,9 @@ class RoundConfig:
 SECAGG = "secagg"
 KEYS = "neighbour_keys"
 SHARES = "shares"
+SIGNATURES = "survivor_signatures"
 STAGE_ADVERTISE = "advertise"
 STAGE_SHARE = "share"
 STAGE_MASK = "mask"
+STAGE_CONSISTENCY = "consistency"
 STAGE_UNMASK = "unmask"

@@ -1,6 +1,9 @@
 """Secure aggregation (SecAgg+), the server's half, as a round protocol on Flower's Grid.
 
-Four round trips (advertise, share, mask = train, unmask), one function each.  The
+Five round trips (advertise, share, mask = train, consistency, unmask), one function
+each.  The server relays each site's signed keys and signed survivor set; it verifies
+nothing itself, since the sites do (:mod:`fedtune.federation.secure_checks`), and a site
+that aborts on a failed check ends the round: no partial sum is used.  The
 server only ever holds public keys, ciphertexts it cannot open, masked vectors, and for
 each site *either* self-mask shares (it survived) *or* mask-key shares (it dropped),
 never both.  Charges: every site that was sent the masked-input stage and did not refuse
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 ADVERTISE_RETRY_S = 3.0
 
 PublicKeys = dict[int, tuple[bytes, bytes]]
+Advertised = dict[int, wire.SignedKeys]
 
 
 class SecureAggregation:
@@ -52,7 +56,8 @@ class SecureAggregation:
     def run(self, grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig,
             global_state: adapters.State, context: RoundContext) -> RoundOutcome:
         rnd = SecureRound(grid, rc, context, selected)
-        public = advertise_keys(rnd)
+        advertised = advertise_keys(rnd)
+        public = {i: signed.keys for i, signed in advertised.items()}
         k, t = secagg_parameters(self.cfg, len(public))
         if len(public) < secagg.MIN_SITES or len(public) < t + 1:
             log.warning("round %d abandoned: only %d sites advertised keys (secure aggregation needs at least %d "
@@ -60,11 +65,15 @@ class SecureAggregation:
                         secagg.MIN_SITES, t)
             return rnd.out
         graph = secagg.neighbour_graph(sorted(public), k, seed=rc.round)
-        routed = share_keys(rnd, public, graph, t)
+        routed = share_keys(rnd, advertised, graph, t)
         s = self.cfg.secagg
         quant = Quantizer(bits=s.bits, clip_range=s.clip_range, max_weight=s.max_weight, num_sites=len(routed))
         masked = masked_input(rnd, routed, quant, global_state)
-        ring_sum = unmask(rnd, masked, set(routed), graph, public, t, quant.bits)
+        signatures = consistency_check(rnd, set(masked)) if len(masked) >= t else None
+        if signatures is None:
+            _abandon(rnd, set(masked), "too few survivors, or a site aborted the consistency check")
+            return rnd.out
+        ring_sum = unmask(rnd, masked, set(routed), graph, public, t, quant.bits, signatures)
         if ring_sum is not None:
             _decode(rnd, ring_sum, quant, set(masked))
         return rnd.out
@@ -80,6 +89,7 @@ class SecureRound:
     selected: list["SiteInfo"]
     out: RoundOutcome = field(default_factory=RoundOutcome)
     index: dict[int, int] = field(init=False)  # node id -> index
+    aborted: set[int] = field(default_factory=set)  # sites that aborted on a failed check
     by_index: dict[int, "SiteInfo"] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,13 +122,18 @@ class SecureRound:
         return replies, offline
 
     def answers(self, stage: str, replies: dict[int, Message]) -> dict[int, Message]:
-        """The replies that carry the stage's answer; a site's refusal (a fixed code) is logged and left out."""
+        """The replies that carry the stage's answer; a site's refusal (a fixed code) is logged and left out.
+
+        A site that aborted on a failed check is noted in ``aborted``.
+        """
         kept = {}
         for i, reply in replies.items():
             status = reply.content.config_records.get(protocol.STATUS)
             if status is not None and status.get("status") == protocol.STATUS_REFUSED:
                 log.warning("%s refused the %s stage of round %d: %s", self.by_index[i].name, stage, self.rc.round,
                             status.get("reason"))
+                if status.get("reason") == protocol.ABORTED_SECAGG:
+                    self.aborted.add(i)
                 continue
             kept[i] = reply
         return kept
@@ -127,9 +142,10 @@ class SecureRound:
         log.error("rejected the %s reply of %s in round %d: %s", stage, self.by_index[i].name, self.rc.round, exc)
 
 
-def advertise_keys(rnd: SecureRound) -> PublicKeys:
+def advertise_keys(rnd: SecureRound) -> Advertised:
     """Stage 1: every selected site makes this round's key pairs (a site over budget refuses here,
-    before any secret exists).  Returns the advertised public keys by index."""
+    before any secret exists).  Returns the advertised, signed public keys by index, each
+    with the roster id the site is enrolled (in simulation: named) under."""
     def requests(indices: list[int]) -> dict[int, RecordDict]:
         return {i: wire.AdvertiseRequest(index=i).to_record() for i in indices}
 
@@ -143,7 +159,7 @@ def advertise_keys(rnd: SecureRound) -> PublicKeys:
                  ", ".join(sorted(rnd.by_index[i].name for i in offline)), rnd.rc.round)
         again, _ = rnd.send(protocol.STAGE_ADVERTISE, requests(sorted(offline)))
         replies.update(again)
-    public: PublicKeys = {}
+    public: Advertised = {}
     for i, site in sorted(rnd.by_index.items()):
         reply = replies.get(i)
         if reply is None:
@@ -152,14 +168,16 @@ def advertise_keys(rnd: SecureRound) -> PublicKeys:
         if record_refusal(reply, site.name, rnd.rc.round, rnd.out):
             continue
         try:
-            public[i] = wire.AdvertiseReply.from_record(reply.content).keys
+            answer = wire.AdvertiseReply.from_record(reply.content)
+            public[i] = wire.SignedKeys(site_id=site.name, enc_pk=answer.enc_pk, mask_pk=answer.mask_pk,
+                                        signature=answer.signature)
         except protocol.Refusal as exc:
             rnd.malformed(i, protocol.STAGE_ADVERTISE, exc)
             rnd.out.failures.append(site.name)
     return public
 
 
-def share_keys(rnd: SecureRound, public: PublicKeys, graph: dict[int, list[int]], threshold: int
+def share_keys(rnd: SecureRound, public: Advertised, graph: dict[int, list[int]], threshold: int
                ) -> dict[int, dict[int, bytes]]:
     """Stage 2: each site Shamir-shares its secrets, encrypted to each neighbour.
 
@@ -216,23 +234,47 @@ def masked_input(rnd: SecureRound, routed: dict[int, dict[int, bytes]], quant: Q
     return masked
 
 
-def unmask(rnd: SecureRound, masked: dict[int, np.ndarray], sharers: set[int], graph: dict[int, list[int]],
-           public: PublicKeys, threshold: int, bits: int) -> Optional[np.ndarray]:
-    """Stage 4: survivors reveal self-mask shares of surviving and mask-key shares of dropped neighbours.
+def consistency_check(rnd: SecureRound, survivors: set[int]) -> Optional[dict[int, bytes]]:
+    """Stage 4: every survivor signs the set of survivors; returns the signatures by signer.
 
-    Returns the ring sum of the survivors' inputs, or None if the round is abandoned
-    (too few shares): no partial sum is ever used, and the charges stay.
+    None if a site aborted (it saw a set it cannot accept): the round is then abandoned.
+    A survivor that does not answer is still in the set; its input is in the sum.
     """
-    survivors = set(masked)
-    asked = {i: wire.UnmaskRequest(survivors=frozenset(j for j in graph[i] if j in survivors),
-                                   dropped=frozenset(j for j in graph[i] if j in sharers and j not in survivors))
-             for i in survivors}
-    replies, _ = rnd.send(protocol.STAGE_UNMASK, {i: request.to_record() for i, request in asked.items()})
+    request = wire.ConsistencyRequest(survivors=frozenset(survivors))
+    replies, _ = rnd.send(protocol.STAGE_CONSISTENCY, {i: request.to_record() for i in sorted(survivors)})
+    signatures: dict[int, bytes] = {}
+    for i, reply in rnd.answers(protocol.STAGE_CONSISTENCY, replies).items():
+        try:
+            signatures[i] = wire.ConsistencyReply.from_record(reply.content).signature
+        except protocol.Refusal as exc:
+            rnd.malformed(i, protocol.STAGE_CONSISTENCY, exc)
+    return None if rnd.aborted else signatures
+
+
+def _abandon(rnd: SecureRound, survivors: set[int], why: str) -> None:
+    log.error("round %d abandoned: %s; no partial sum is used, the sites' charges stay", rnd.rc.round, why)
+    rnd.out.failures.extend(rnd.by_index[i].name for i in sorted(survivors))
+
+
+def unmask(rnd: SecureRound, masked: dict[int, np.ndarray], sharers: set[int], graph: dict[int, list[int]],
+           public: PublicKeys, threshold: int, bits: int, signatures: dict[int, bytes]) -> Optional[np.ndarray]:
+    """Stage 5: survivors reveal self-mask shares of surviving and mask-key shares of dropped neighbours.
+
+    Each signer is sent the survivor set and its neighbours' signatures over it.  Returns
+    the ring sum of the survivors' inputs, or None if the round is abandoned (too few
+    shares, or a site aborted): no partial sum is ever used, and the charges stay.
+    """
+    survivors = frozenset(masked)
+    requests = {i: wire.UnmaskRequest(survivors=survivors,
+                                      signatures={j: signatures[j] for j in graph[i] if j in signatures})
+                for i in sorted(signatures)}
+    replies, _ = rnd.send(protocol.STAGE_UNMASK, {i: request.to_record() for i, request in requests.items()})
     seed_shares: dict[int, dict[int, bytes]] = {}
     key_shares: dict[int, dict[int, bytes]] = {}
     for holder, reply in rnd.answers(protocol.STAGE_UNMASK, replies).items():
+        alive = set(graph[holder]) & survivors
         try:
-            answer = wire.UnmaskReply.from_record(reply.content, asked[holder])
+            answer = wire.UnmaskReply.from_record(reply.content, alive, (set(graph[holder]) & sharers) - alive)
         except protocol.Refusal as exc:
             rnd.malformed(holder, protocol.STAGE_UNMASK, exc)
             continue
@@ -240,12 +282,14 @@ def unmask(rnd: SecureRound, masked: dict[int, np.ndarray], sharers: set[int], g
             seed_shares.setdefault(j, {})[holder] = share
         for j, share in answer.key_shares.items():
             key_shares.setdefault(j, {})[holder] = share
+    if rnd.aborted:
+        _abandon(rnd, set(survivors), "a site aborted the unmask stage")
+        return None
     try:
         return secagg.unmask_sum(masked, sharers, graph, public, seed_shares, key_shares, threshold, rnd.rc.round,
                                  bits)
     except secagg.RoundAbandoned as exc:
-        log.error("round %d abandoned: %s; no partial sum is used, the sites' charges stay", rnd.rc.round, exc)
-        rnd.out.failures.extend(rnd.by_index[i].name for i in sorted(survivors))
+        _abandon(rnd, set(survivors), str(exc))
         return None
 
 

@@ -29,6 +29,7 @@ from fedtune.errors import ConfigError
 from fedtune.federation import protocol
 from fedtune.secagg import protocol as secagg
 from fedtune.secagg.masks import Quantizer, ring_dtype
+from fedtune.secagg.signing import MAX_SIGNATURE_BYTES
 
 # Bounds on what a stage message may carry; anything else is refused unread.
 MAX_SITES = 100_000
@@ -38,10 +39,14 @@ STAGE_FIELDS = {
     protocol.STAGE_ADVERTISE: {"stage", "index"},
     protocol.STAGE_SHARE: {"stage", "threshold"},
     protocol.STAGE_MASK: {"stage", "bits", "clip_range", "max_weight", "num_sites"},
-    protocol.STAGE_UNMASK: {"stage", "survivors", "dropped"},
+    protocol.STAGE_CONSISTENCY: {"stage", "survivors"},
+    protocol.STAGE_UNMASK: {"stage", "survivors"},
 }
-# Record names of the replies (the requests use protocol.SECAGG, KEYS and SHARES).
+# Record names of the replies (the requests use protocol.SECAGG, KEYS, SHARES and SIGNATURES).
 PUBLIC_KEYS = ("enc_pk", "mask_pk")
+SIGNATURE = "signature"
+NEIGHBOUR_FIELDS = ("enc", "mask", "sig", "site")
+MAX_SITE_ID = 64
 MASKED = "masked"
 SEED_SHARES = "seed_shares"
 KEY_SHARES = "key_shares"
@@ -119,6 +124,24 @@ def _by_index(values: dict[int, bytes]) -> ConfigRecord:
     return ConfigRecord({str(j): v for j, v in sorted(values.items())})
 
 
+def _signature(value: object) -> bytes:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_SIGNATURE_BYTES:
+        raise _bad(f"a signature is not 1..{MAX_SIGNATURE_BYTES} bytes")
+    return value
+
+
+def _site_id(value: object) -> str:
+    # A roster key: printable ASCII, short.  Whether it is enrolled is the site's check.
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SITE_ID or not all(33 <= ord(c) < 127 for c in value):
+        raise _bad("a neighbour's site id is not 1..64 printable ASCII characters")
+    return value
+
+
+def _survivor_list(survivors: frozenset[int]) -> list[int]:
+    # Index 0 is never a site; it keeps the list non-empty for ConfigRecord.
+    return [0, *sorted(survivors)]
+
+
 # ---------------------------------------------------------------- stage 1: advertise keys
 @dataclass(frozen=True)
 class AdvertiseRequest:
@@ -137,21 +160,27 @@ class AdvertiseRequest:
 
 @dataclass(frozen=True)
 class AdvertiseReply:
-    """Site to server: its two X25519 public keys (encryption of shares, pairwise masks)."""
+    """Site to server: its two X25519 public keys (encryption of shares, pairwise masks), signed.
+
+    ``signature``: the site's enrolment key over ``signing.keys_statement`` (federation,
+    round, its index, its site id, both keys), which its neighbours check.
+    """
 
     enc_pk: bytes
     mask_pk: bytes
+    signature: bytes
 
     def to_record(self) -> RecordDict:
-        return RecordDict({protocol.SECAGG: ConfigRecord(dict(zip(PUBLIC_KEYS, (self.enc_pk, self.mask_pk))))})
+        return RecordDict({protocol.SECAGG: ConfigRecord({"enc_pk": self.enc_pk, "mask_pk": self.mask_pk,
+                                                          SIGNATURE: self.signature})})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "AdvertiseReply":
         keys = _config(content, protocol.SECAGG)
-        if set(keys.keys()) != set(PUBLIC_KEYS) or not all(
+        if set(keys.keys()) != {*PUBLIC_KEYS, SIGNATURE} or not all(
                 isinstance(keys[k], bytes) and len(keys[k]) == KEY_BYTES for k in PUBLIC_KEYS):
-            raise _bad("the advertised keys are not two 32-byte public keys")
-        return cls(enc_pk=keys["enc_pk"], mask_pk=keys["mask_pk"])
+            raise _bad("the advertised keys are not two 32-byte public keys and a signature")
+        return cls(enc_pk=keys["enc_pk"], mask_pk=keys["mask_pk"], signature=_signature(keys[SIGNATURE]))
 
     @property
     def keys(self) -> tuple[bytes, bytes]:
@@ -160,16 +189,35 @@ class AdvertiseReply:
 
 # ---------------------------------------------------------------- stage 2: share keys
 @dataclass(frozen=True)
+class SignedKeys:
+    """A neighbour's advertised keys as relayed by the server: which enrolled site, and its signature."""
+
+    site_id: str
+    enc_pk: bytes
+    mask_pk: bytes
+    signature: bytes
+
+    @property
+    def keys(self) -> tuple[bytes, bytes]:
+        return self.enc_pk, self.mask_pk
+
+
+@dataclass(frozen=True)
 class ShareRequest:
-    """Server to site: the threshold t and the advertised keys of the site's neighbours."""
+    """Server to site: the least threshold the server will wait for, and the neighbours' signed keys.
+
+    The site's threshold is its own rule (a majority of its neighbours, at least
+    ``threshold``): a server cannot lower it.
+    """
 
     threshold: int
-    neighbour_keys: dict[int, tuple[bytes, bytes]]
+    neighbour_keys: dict[int, SignedKeys]
 
     def to_record(self) -> RecordDict:
-        keys = {}
-        for j, (enc, mask) in sorted(self.neighbour_keys.items()):
-            keys[f"{j}.enc"], keys[f"{j}.mask"] = enc, mask
+        keys: dict[str, object] = {}
+        for j, signed in sorted(self.neighbour_keys.items()):
+            keys[f"{j}.enc"], keys[f"{j}.mask"] = signed.enc_pk, signed.mask_pk
+            keys[f"{j}.sig"], keys[f"{j}.site"] = signed.signature, signed.site_id
         return RecordDict({protocol.SECAGG: _stage(protocol.STAGE_SHARE, threshold=self.threshold),
                            protocol.KEYS: ConfigRecord(keys)})
 
@@ -180,20 +228,23 @@ class ShareRequest:
         return cls(threshold=_int_field(stage, "threshold", 2, MAX_SITES), neighbour_keys=neighbour_keys)
 
 
-def _neighbour_keys(content: RecordDict, own_index: int) -> dict[int, tuple[bytes, bytes]]:
+def _neighbour_keys(content: RecordDict, own_index: int) -> dict[int, SignedKeys]:
     keys = content.config_records.get(protocol.KEYS)
-    if keys is None or len(keys) > 2 * MAX_SITES:
+    if keys is None or len(keys) > len(NEIGHBOUR_FIELDS) * MAX_SITES:
         raise _bad("missing or oversized neighbour keys")
-    out: dict[int, tuple[bytes, bytes]] = {}
+    out: dict[int, SignedKeys] = {}
     for key in keys.keys():
         index, dot, kind = key.partition(".")
-        if not dot or kind not in ("enc", "mask"):
-            raise _bad("a neighbour key is not named INDEX.enc or INDEX.mask")
+        if not dot or kind not in NEIGHBOUR_FIELDS:
+            raise _bad("a neighbour key is not named INDEX.enc, INDEX.mask, INDEX.sig or INDEX.site")
         j = _index_of(index)
+        if j in out:
+            continue
         enc, mask = keys.get(f"{j}.enc"), keys.get(f"{j}.mask")
         if j == own_index or not all(isinstance(v, bytes) and len(v) == KEY_BYTES for v in (enc, mask)):
             raise _bad("a neighbour's keys are not two 32-byte public keys of another site")
-        out[j] = (enc, mask)  # type: ignore[assignment]
+        out[j] = SignedKeys(site_id=_site_id(keys.get(f"{j}.site")), enc_pk=enc, mask_pk=mask,  # type: ignore[arg-type]
+                            signature=_signature(keys.get(f"{j}.sig")))
     return out
 
 
@@ -269,23 +320,62 @@ class MaskReply:
                                                           max_bytes))
 
 
-# ---------------------------------------------------------------- stage 4: unmask
+# ---------------------------------------------------------------- stage 4: consistency check
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Server to site: which of its neighbours survived and which dropped after sharing keys."""
+class ConsistencyRequest:
+    """Server to site: the set of sites whose masked input it received (the round's survivors)."""
 
     survivors: frozenset[int]
-    dropped: frozenset[int]
 
     def to_record(self) -> RecordDict:
-        # Index 0 is never a site; it keeps the lists non-empty for ConfigRecord.
-        return RecordDict({protocol.SECAGG: _stage(protocol.STAGE_UNMASK, survivors=[0, *sorted(self.survivors)],
-                                                   dropped=[0, *sorted(self.dropped)])})
+        return RecordDict({protocol.SECAGG: _stage(protocol.STAGE_CONSISTENCY,
+                                                   survivors=_survivor_list(self.survivors))})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> "ConsistencyRequest":
+        return cls(survivors=_index_set(_stage_record(content, protocol.STAGE_CONSISTENCY), "survivors"))
+
+
+@dataclass(frozen=True)
+class ConsistencyReply:
+    """Site to server: its signature over ``signing.survivors_statement`` of the set it was told."""
+
+    signature: bytes
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({protocol.SECAGG: ConfigRecord({SIGNATURE: self.signature})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> "ConsistencyReply":
+        record = _config(content, protocol.SECAGG)
+        if set(record.keys()) != {SIGNATURE}:
+            raise _bad("the consistency reply is not one signature")
+        return cls(signature=_signature(record[SIGNATURE]))
+
+
+# ---------------------------------------------------------------- stage 5: unmask
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server to site: the survivors again, with the neighbours' signatures over that same set.
+
+    The site works out which neighbours survived and which dropped itself (those that
+    shared with it, in or out of ``survivors``): the server names no second list.
+    """
+
+    survivors: frozenset[int]
+    signatures: dict[int, bytes]
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({protocol.SECAGG: _stage(protocol.STAGE_UNMASK, survivors=_survivor_list(self.survivors)),
+                           protocol.SIGNATURES: _by_index(self.signatures)})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> "UnmaskRequest":
-        stage = _stage_record(content, protocol.STAGE_UNMASK)
-        return cls(survivors=_index_set(stage, "survivors"), dropped=_index_set(stage, "dropped"))
+        survivors = _index_set(_stage_record(content, protocol.STAGE_UNMASK), "survivors")
+        record = _config(content, protocol.SIGNATURES)
+        signatures = {j: _signature(sig) for j, sig in _indexed_bytes(record, survivors, "a signature is not one of "
+                                                                      "a survivor").items()}
+        return cls(survivors=survivors, signatures=signatures)
 
 
 @dataclass(frozen=True)
@@ -299,9 +389,10 @@ class UnmaskReply:
         return RecordDict({SEED_SHARES: _by_index(self.seed_shares), KEY_SHARES: _by_index(self.key_shares)})
 
     @classmethod
-    def from_record(cls, content: RecordDict, request: UnmaskRequest) -> "UnmaskReply":
-        """Shares only of the sites ``request`` named, each on its own side (never both of one site)."""
-        return cls(seed_shares=_indexed_bytes(_config(content, SEED_SHARES), request.survivors,
+    def from_record(cls, content: RecordDict, survivors: Collection[int], dropped: Collection[int]
+                    ) -> "UnmaskReply":
+        """Shares only of the holder's surviving / dropped neighbours, each on its own side."""
+        return cls(seed_shares=_indexed_bytes(_config(content, SEED_SHARES), survivors,
                                               "a self-mask share is not one of a surviving neighbour"),
-                   key_shares=_indexed_bytes(_config(content, KEY_SHARES), request.dropped,
+                   key_shares=_indexed_bytes(_config(content, KEY_SHARES), dropped,
                                              "a mask-key share is not one of a dropped neighbour"))

@@ -17,7 +17,9 @@ def secagg_parameters(cfg: FedtuneConfig, num_sites: int) -> tuple[int, int]:
     """(neighbours k, threshold t) for a round among ``num_sites`` sites."""
     k = min(cfg.secagg.neighbours if cfg.secagg.neighbours is not None else default_neighbours(num_sites),
             num_sites - 1)
-    t = cfg.secagg.threshold if cfg.secagg.threshold is not None else k // 2 + 1
+    # Sites take a strict majority of their neighbours whatever the server asks
+    # (fedtune.secagg.protocol.site_threshold); secagg.threshold can only raise it.
+    t = max(cfg.secagg.threshold or 0, k // 2 + 1)
     return k, min(t, k)
 
 

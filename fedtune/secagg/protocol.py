@@ -44,6 +44,31 @@ class ProtocolViolation(RuntimeError):
     """A request that would break the protocol's guarantees (e.g. both shares of one site)."""
 
 
+class RoundAborted(ProtocolViolation):
+    """A check against an active server failed at this site: the round is over for it.
+
+    A forged or missing signature, a neighbour listed twice, too few neighbours, or a view
+    of the survivors that the neighbours did not sign.  ``stage`` and ``neighbour`` (an
+    index, never data) name what failed in the site's log.
+    """
+
+    def __init__(self, stage: str, neighbour: int | None, problem: str) -> None:
+        self.stage, self.neighbour, self.problem = stage, neighbour, problem
+        who = f"neighbour {neighbour}" if neighbour is not None else "the server's message"
+        super().__init__(f"aborted at the {stage} stage: {who}: {problem}")
+
+
+def site_threshold(neighbours: int, requested: int) -> int:
+    """The site's own t: a strict majority of its neighbours (more only if the server waits for more).
+
+    A majority is what makes a split view impossible: the self-mask seed and the mask key
+    each need t of the k shares, each neighbour reveals one kind, and 2t > k.
+    """
+    if requested > neighbours:
+        raise ProtocolViolation(f"a threshold of {requested} with only {neighbours} neighbours")
+    return max(neighbours // 2 + 1, requested)
+
+
 def default_neighbours(n: int) -> int:
     """k ≈ 2·log2(n), even, and at most n − 1 (a complete graph for small federations)."""
     import math
@@ -81,6 +106,12 @@ class SiteSecrets:
     self_seed: bytes
     received: dict[int, bytes] = field(default_factory=dict)  # neighbour -> ciphertext for us
     neighbour_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # The active-adversary state: the site's own t, who each neighbour index is (roster id),
+    # whether this site has masked its input, and the survivor set it signed (once per round).
+    threshold: int = 0
+    neighbour_sites: dict[int, str] = field(default_factory=dict)
+    masked: bool = False
+    signed: frozenset[int] | None = None
 
     def __repr__(self) -> str:
         return f"SiteSecrets(index={self.index})"
