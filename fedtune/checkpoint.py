@@ -146,6 +146,18 @@ def _write_weights(path: Path, peft_state: Mapping[str, np.ndarray], metadata: d
         raise
 
 
+def save_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Any named tensors with string metadata (e.g. the server optimiser's moments), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_weights(path, tensors, dict(metadata))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, str], State]:
+    """(metadata, tensors) of a file :func:`save_tensors` wrote."""
+    with safe_open(str(path), framework="numpy") as handle:
+        return dict(handle.metadata() or {}), {k: handle.get_tensor(k) for k in handle.keys()}
+
+
 def save_adapter_dir(directory: Path, peft_state: Mapping[str, np.ndarray], adapter_config: str,
                      files: Mapping[str, str]) -> None:
     """A peft adapter directory (weights, config, and ``files`` such as the record), moved into place whole."""

@@ -28,6 +28,16 @@ PARTITIONS = ("iid", "dirichlet")
 DATA_FORMATS = ("auto", "text", "instruction", "labelled")
 TASKS = ("causal_lm", "classification")
 STRATEGIES = ("fedavg", "ffa")
+# fedtune.server_optimizers' registry, each with the federation.server_* fields it reads; a test
+# keeps this table equal to the classes' own, so a field the chosen optimiser ignores is refused.
+SERVER_OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("server_learning_rate",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedadam": ("server_learning_rate", "server_beta_1", "server_beta_2", "server_tau"),
+    "fedyogi": ("server_learning_rate", "server_beta_1", "server_beta_2", "server_tau"),
+    "fedadagrad": ("server_learning_rate", "server_tau"),
+}
+SERVER_OPTIMIZERS = tuple(SERVER_OPTIMIZER_FIELDS)
 OPTIMIZERS = ("sgd", "adam")
 # Dtypes of the frozen base weights (model.dtype); the trained tensors are always float32.
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -147,6 +157,18 @@ class FederationConfig:
     # At most this many sites per round (null: every site with budget left).
     sites_per_round: Optional[int] = None
     strategy: str = "fedavg"
+    # How the server applies the round's mean delta (fedtune.server_optimizers): fedavg (add it),
+    # fedavgm (server momentum), fedadam, fedyogi, fedadagrad (Reddi et al., ICLR 2021).  The
+    # server_* fields below are read only by the optimisers that use them; null is the
+    # optimiser's own default (Flower's: learning rate 1 for fedavg/fedavgm, 0.1 fedadam and
+    # fedadagrad, 0.01 fedyogi; momentum 0.9; betas 0.9, 0.99; tau 1e-9, fedyogi 1e-3).
+    server_optimizer: str = "fedavg"
+    server_learning_rate: Optional[float] = None
+    server_momentum: Optional[float] = None
+    server_beta_1: Optional[float] = None
+    server_beta_2: Optional[float] = None
+    # The adaptivity ε of the adaptive optimisers: the step is m / (√v + tau).
+    server_tau: Optional[float] = None
     # A site's update larger than this many bytes is rejected unread.
     max_update_bytes: int = 256 * 1024 * 1024
     # Ray resources each simulated site reserves (client_resources): CPUs, and GPUs, which may
@@ -253,6 +275,33 @@ def validate_federation(f: FederationConfig) -> None:
     require(f.round_timeout_s is None or f.round_timeout_s > 0, "federation.round_timeout_s",
             f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
     validate_site_resources(f)
+    validate_server_optimizer(f)
+
+
+def validate_server_optimizer(f: FederationConfig) -> None:
+    """The server optimiser's name, its settings' ranges, and no setting it would silently ignore."""
+    _choice(f.server_optimizer, SERVER_OPTIMIZERS, "federation.server_optimizer")
+    used = SERVER_OPTIMIZER_FIELDS[f.server_optimizer]
+    for name in ("server_learning_rate", "server_momentum", "server_beta_1", "server_beta_2", "server_tau"):
+        require(getattr(f, name) is None or name in used, f"federation.{name}",
+                f"is set but federation.server_optimizer={f.server_optimizer} does not use it",
+                f"Set it to null, or choose an optimiser that uses it ({_users_of(name)}).")
+    _positive(f.server_learning_rate, "federation.server_learning_rate", "e.g. 1 (fedavg) or 0.01 (fedadam)")
+    _positive(f.server_tau, "federation.server_tau", "e.g. 1e-3; it must be > 0 so that a zero coordinate "
+              "of the delta cannot divide 0 by 0")
+    for name in ("server_momentum", "server_beta_1", "server_beta_2"):
+        value = getattr(f, name)
+        require(value is None or 0 <= value < 1, f"federation.{name}", f"{value} is not in [0, 1)",
+                "Use e.g. 0.9 (0.99 for server_beta_2), or null for the optimiser's default.")
+
+
+def _users_of(name: str) -> str:
+    return ", ".join(opt for opt, fields in SERVER_OPTIMIZER_FIELDS.items() if name in fields)
+
+
+def _positive(value: Optional[float], field_name: str, example: str) -> None:
+    require(value is None or (math.isfinite(value) and value > 0), field_name,
+            f"{value} is not a positive finite number", f"Use {example}, or null for the optimiser's default.")
 
 
 def validate_site_resources(f: FederationConfig) -> None:

@@ -3,7 +3,8 @@
 Each round: select the sites whose budget affords it and that are reachable
 (:mod:`.scheduling`, :mod:`.membership`) → run the round protocol (:mod:`.rounds`:
 plain or secure aggregation, or a wrapper around one) → aggregate with the strategy
-and commit the new version (checkpoint and adapter record, :mod:`.versions`; the
+and the server optimiser (:mod:`fedtune.server_optimizers`, on the unmasked mean delta) and
+commit the new version (checkpoint, optimiser moments and adapter record, :mod:`.versions`; the
 ledgers were charged by the protocol) → hand the evaluation and the metrics line to
 the evaluator thread (:mod:`.evaluator`).
 
@@ -45,6 +46,7 @@ from fedtune.federation.versions import GlobalAdapter
 from fedtune.models import FingerprintedModel, build_fingerprinted_model
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.reporting import RoundTable
+from fedtune.server_optimizers import make_server_optimizer
 from fedtune.strategies import Strategy, make_strategy
 
 __all__ = ["ServerOptions", "ServerSummary", "default_protocol", "round_config", "run_id_of", "run_server"]
@@ -112,7 +114,9 @@ class ServerRun:
         version = None
         if outcome.weighted_sum is not None:
             mean_delta = self.strategy.aggregate(outcome.weighted_sum, outcome.total_weight)
-            version = self.adapter.commit(round_number, self.strategy.apply(self.adapter.state, mean_delta),
+            # The optimiser steps only the tensors the strategy aggregated; apply leaves the rest.
+            step = self.adapter.optimizer.update(mean_delta)
+            version = self.adapter.commit(round_number, self.strategy.apply(self.adapter.state, step),
                                           outcome.participants)
         else:
             log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
@@ -130,7 +134,11 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
     strategy = make_strategy(cfg.federation.strategy)
     identity = governance.run_identity(built.model, cfg.model.path, built.fingerprint, cfg.model.task,
                                        strategy.name)
-    adapter = GlobalAdapter(built.model, run_dir, identity)
+    optimizer = make_server_optimizer(cfg.federation)
+    log.info("server optimiser %s %s", optimizer.title, optimizer.hyper)
+    # Part of the method every version's record states, as the strategy is.
+    identity["server_optimizer"] = {"name": optimizer.name, **optimizer.hyper}
+    adapter = GlobalAdapter(built.model, run_dir, identity, optimizer)
     start_round = adapter.resume() + 1
     spec = adapters.UpdateSpec({n: adapter.state[n].shape for n in strategy.trainable_names(built.model)},
                                cfg.federation.max_update_bytes)

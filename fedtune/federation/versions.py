@@ -2,7 +2,9 @@
 
 Committing a round makes a new version: the strategy's new state, an adapter record
 naming its parent's record hash, and the checkpoint (peft-keyed weights with round and
-record in one atomic file).  The per-round copy ``adapters/round_NNN/`` (weights, peft
+record in one atomic file) with, beside it, the server optimiser's moments of that round
+(:mod:`fedtune.server_optimizers`), so a resumed run continues with the moments its adapter
+was made with.  The per-round copy ``adapters/round_NNN/`` (weights, peft
 config, ``adapter_record.json``) is written later by the evaluator thread from the
 version's snapshot, so the sites need not wait for it.
 """
@@ -19,17 +21,25 @@ from fedtune.checkpoint import (
     adapter_config_json,
     checkpoint_record,
     load_checkpoint,
+    load_tensors,
     peft_key_map,
     save_adapter_dir,
     save_checkpoint,
+    save_tensors,
     to_peft_keys,
 )
+from fedtune.errors import require
 from fedtune.models import lora_parameter_names
+from fedtune.server_optimizers import FedAvg, ServerOptimizer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTERS_DIR = "adapters"
+# The server optimiser's state after round N, in the checkpoint directory.  One file per round,
+# written before the checkpoint and pruned after it: the checkpoint's rename alone decides which
+# round a resumed run is at, and that round's file is always there (see GlobalAdapter.commit).
+OPTIMIZER_FILE = "server_optimizer_{:03d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,15 @@ class AdapterVersion:
 
 
 class GlobalAdapter:
-    """The run's global adapter; its model is read once, here, before the evaluator owns it."""
+    """The run's global adapter; its model is read once, here, before the evaluator owns it.
 
-    def __init__(self, model: Any, run_dir: Path, identity: dict[str, Any]) -> None:
+    ``optimizer`` is the server optimiser whose moments are saved with every version
+    (default: plain FedAvg, which has none).
+    """
+
+    def __init__(self, model: Any, run_dir: Path, identity: dict[str, Any],
+                 optimizer: Optional[ServerOptimizer] = None) -> None:
+        self.optimizer = optimizer or FedAvg()
         self.key_map = peft_key_map(model)
         self.adapter_config = adapter_config_json(model)
         self.identity = identity
@@ -56,6 +72,9 @@ class GlobalAdapter:
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / CHECKPOINT_DIR
+
+    def optimizer_path(self, round_number: int) -> Path:
+        return self.checkpoint_dir / OPTIMIZER_FILE.format(round_number)
 
     def adapter_dir(self, round_number: int) -> Path:
         return self.run_dir / ADAPTERS_DIR / f"round_{round_number:03d}"
@@ -70,17 +89,44 @@ class GlobalAdapter:
         if self.record is None:
             log.info("the checkpoint of round %d predates adapter records; the next version has no parent",
                      self.round)
+        self._resume_optimizer()
         log.info("resuming from the checkpoint of round %d", self.round)
         return self.round
+
+    def _resume_optimizer(self) -> None:
+        """The server optimiser's moments of the checkpoint's round; refuses another optimiser's."""
+        path = self.optimizer_path(self.round)
+        # A checkpoint without the file predates server optimisers: its run was plain FedAvg.
+        metadata, tensors = load_tensors(path) if path.is_file() else ({}, {})
+        saved = metadata.get("server_optimizer", FedAvg.name)
+        require(saved == self.optimizer.name, "federation.server_optimizer",
+                f"the checkpoint of round {self.round} in {self.checkpoint_dir} was made with {saved}, "
+                f"not {self.optimizer.name}, and its moments cannot be carried over",
+                f"Resume with federation.server_optimizer={saved}, or move the run directory aside to start afresh.")
+        self.optimizer.load_state_dict(tensors, int(metadata.get("steps", 0)),
+                                       {n: v.shape for n, v in self.state.items()})
+        if tensors:
+            log.info("restored the %s moments of round %d (%d steps)", saved, self.round, self.optimizer.steps)
 
     def commit(self, round_number: int, state: adapters.State, sites: list[str]) -> AdapterVersion:
         """Make ``state`` the global adapter of ``round_number`` and checkpoint it atomically."""
         parent = governance.record_hash(self.record) if self.record is not None else None
         record = governance.adapter_record(round_number, parent, self.identity, sites)
+        # The optimiser's file first: a crash before the checkpoint's rename leaves the previous
+        # checkpoint, whose own file is still there; the older files go only once this round is in.
+        save_tensors(self.optimizer_path(round_number), self.optimizer.state_dict(),
+                     {"server_optimizer": self.optimizer.name, "steps": str(self.optimizer.steps),
+                      "round": str(round_number)})
         save_checkpoint(self.checkpoint_dir, round_number, to_peft_keys(self.key_map, state), self.adapter_config,
                         record)
+        self._prune_optimizer_files(round_number)
         self.state, self.round, self.record = state, round_number, record
         return AdapterVersion(round_number, {n: v.copy() for n, v in state.items()}, record)
+
+    def _prune_optimizer_files(self, kept: int) -> None:
+        for path in self.checkpoint_dir.glob(OPTIMIZER_FILE.replace("{:03d}", "*")):
+            if path != self.optimizer_path(kept):
+                path.unlink(missing_ok=True)
 
     def current(self, sites: list[str]) -> AdapterVersion:
         """The checkpointed version, e.g. to write the round directory a stopped server still owed."""
