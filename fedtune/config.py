@@ -41,6 +41,10 @@ SERVER_OPTIMIZERS = tuple(SERVER_OPTIMIZER_FIELDS)
 OPTIMIZERS = ("sgd", "adam")
 # Dtypes of the frozen base weights (model.dtype); the trained tensors are always float32.
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# How a classifier reads its encoder (model.pooling; fedtune.tasks.pooling): auto takes the
+# checkpoint's own sentence pooling when it declares one (sentence-transformers), else head;
+# head is the transformers class's own head; mean and cls pool the token states.
+POOLINGS = ("auto", "head", "mean", "cls")
 
 
 @dataclass
@@ -85,6 +89,8 @@ class ModelConfig:
     # CPU) or float16 (CUDA only).  LoRA tensors, a trained head, gradients, DP noise and
     # the update stay float32 whatever this is: noise added in low precision is rounded away.
     dtype: str = "float32"
+    # model.task=classification over a pretrained encoder: what its head reads (POOLINGS).
+    pooling: str = "auto"
 
 
 @dataclass
@@ -430,6 +436,7 @@ def validate_model(m: ModelConfig) -> None:
     validate_lora(m.lora)
     validate_model_source(m)
     validate_model_dtype(m)
+    _choice(m.pooling, POOLINGS, "model.pooling")
     tiny = m.tiny
     require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",
             f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}", "Pick a multiple of num_heads.")

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
@@ -28,6 +29,7 @@ from fedtune.data.records import DataError, Record, RecordSchema, record_group
 from fedtune.errors import require
 from fedtune.evaluate import EvalResult, eval_batches, perplexity_of
 from fedtune.tasks import Task
+from fedtune.tasks.pooling import PooledClassifier, resolve_pooling
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,12 @@ class Classification(Task[LabelledExample, LabelledBatch]):
 
     def pretrained_model(self, path: Path, model: ModelConfig, tokenizer: PreTrainedTokenizerBase
                          ) -> PreTrainedModel:
+        pooling, normalise = resolve_pooling(model.pooling, path)
+        if pooling != "head":
+            body = AutoModel.from_pretrained(path, dtype=torch.float32)
+            if getattr(body, "pooler", None) is not None:
+                body.pooler = None  # BERT-style encoders skip a None pooler; its output would go unread
+            return PooledClassifier(body, pooling, normalise, model.num_labels)
         loaded = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
                                                                     num_labels=model.num_labels)
         if getattr(loaded.config, "pad_token_id", None) is None:
