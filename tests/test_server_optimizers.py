@@ -269,3 +269,21 @@ def test_the_hydra_config_reaches_the_server_optimizer() -> None:
     assert isinstance(chosen, FedtuneConfig)
     validate(chosen)
     assert make_server_optimizer(chosen.federation).hyper["server_learning_rate"] == 0.01
+
+
+def test_fedyogi_under_secure_aggregation_with_ffa_moves_only_what_was_aggregated(tmp_path: Path) -> None:
+    """Under SecAgg+ the optimiser acts on the unmasked sum; FFA's A stays at its initialisation."""
+    cfg = tiny_config(tmp_path / "run", federation__server_optimizer="fedyogi", federation__strategy="ffa",
+                      federation__num_rounds=1, secagg__enabled=True)
+    summary = run_inprocess(cfg)
+    assert summary.rounds_completed == 1
+    built = build_fingerprinted_model(cfg.model)
+    key_map = peft_key_map(built.model)
+    start = {n: p.detach().numpy() for n, p in built.model.named_parameters() if n in key_map}
+    _, state = load_checkpoint(Path(cfg.run_dir) / "checkpoint", key_map)  # type: ignore[misc]
+    trained = set(FFALoRA().trainable_names(built.model))
+    for name, value in state.items():
+        assert np.array_equal(value, start[name]) == (name not in trained), name
+    adapter = _adapter(cfg, FedYogi())
+    assert adapter.resume() == 1
+    assert {key.partition("/")[2] for key in adapter.optimizer.state_dict()} == trained
