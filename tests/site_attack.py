@@ -41,7 +41,7 @@ def server_config() -> FedtuneConfig:
     return cfg
 
 
-def write_site(home: Path, records: int = 40, **policy: Any) -> SiteConfig:
+def write_site(home: Path, records: int = 40, site_id: str = "hosp-a", **policy: Any) -> SiteConfig:
     """A site's files (data with the planted record, ledger path) and its SiteConfig."""
     home.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"text": f"Routine cardiology note number {i}: blood pressure stable."})
@@ -49,10 +49,39 @@ def write_site(home: Path, records: int = 40, **policy: Any) -> SiteConfig:
     lines.insert(records // 2, json.dumps({"text": PLANTED}))
     (home / "data.jsonl").write_text("\n".join(lines) + "\n")
     settings = {"require_secure_aggregation": False, "min_other_sites": 0, **policy}
-    site = SiteConfig(site_id="hosp-a", policy=SitePolicy(**settings))
+    site = SiteConfig(site_id=site_id, policy=SitePolicy(**settings))
     site.budget.epsilon, site.budget.delta = 20.0, 1e-4
     site.base_dir = str(home)
     return site
+
+
+def enrol_sites(root: Path, site_ids: list[str], real: int, **policy: Any) -> tuple[list[SiteConfig], dict]:
+    """A federation as ``fedtune init-federation`` makes it: a CA, each site's own key, the CA-signed roster.
+
+    The first ``real`` ids get a site directory (data, ledger, kit); the others are enrolled
+    keys only, whose private keys are returned: fake sites the hostile operator enrolled.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from fedtune.deploy import pki
+    from fedtune.deploy.roster import ROSTER_FILE, signed_roster
+
+    ca = pki.CertificateAuthority.create("attack")
+    public, fakes, sites = {}, {}, []
+    for n, site_id in enumerate(site_ids):
+        home = root / site_id
+        if n < real:
+            sites.append(write_site(home, site_id=site_id, **policy))
+            (home / "ca.crt").write_bytes(ca.cert_pem())
+            pki.write_site_keypair(home)
+        else:
+            pki.write_site_keypair(home)
+            fakes[site_id] = serialization.load_ssh_private_key((home / pki.SITE_PRIVATE_KEY).read_bytes(), None)
+        public[site_id] = (home / pki.SITE_PUBLIC_KEY).read_text().strip()
+    roster = signed_roster("attack-fed", len(site_ids), public, ca.key)
+    for site in sites:
+        Path(str(site.base_dir), ROSTER_FILE).write_text(roster)
+    return sites, fakes
 
 
 @dataclass
