@@ -89,3 +89,46 @@ def test_site_the_superlink_reports_offline_at_key_advertisement_is_asked_again(
     assert len(advertised) == 2
     # The log names the site, not the SuperLink that answered for it.
     assert "site-01 failed the advertise stage of round 1" in caplog.text
+
+
+class _LateGrid(InProcessGrid):
+    """Drops one site's unmask message (a dropout after the consistency check), or forges a signature in it."""
+
+    def __init__(self, *args, late: int, forge: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.late, self.forge = late, forge
+
+    def _deliver(self, msg):  # type: ignore[no-untyped-def]
+        stage = msg.content.config_records.get("secagg", {}).get("stage")
+        if stage == "unmask" and msg.metadata.dst_node_id == self.late:
+            if not self.forge:
+                return None
+            signatures = msg.content.config_records["survivor_signatures"]
+            first = sorted(signatures.keys())[0]
+            signatures[first] = bytes(signatures[sorted(signatures.keys())[-1]])
+        return super()._deliver(msg)
+
+
+def test_a_dropout_after_the_consistency_check_is_recovered(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", federation__num_sites=5, federation__num_rounds=1)
+    cfg.secagg.enabled = True
+    grid = _LateGrid(make_client_app(cfg), 5, late=102)
+    summary = run_server(grid, cfg, Path(cfg.run_dir), show_progress=False)
+    # Site 2's masked input is in the sum: its neighbours reveal its self-mask, nobody its mask key.
+    assert summary.rows[0]["participants"] == [f"site-0{i}" for i in range(5)]
+    assert (Path(cfg.run_dir) / "adapters" / "round_001").is_dir()
+    asked = [m for m in grid.sent if m.content.config_records.get("secagg", {}).get("stage") == "consistency"]
+    assert len(asked) == 5
+
+
+def test_a_site_that_aborts_is_a_failure_and_the_round_is_abandoned(tmp_path: Path, caplog) -> None:
+    cfg = tiny_config(tmp_path / "run", federation__num_sites=4, federation__num_rounds=1)
+    cfg.secagg.enabled = True
+    grid = _LateGrid(make_client_app(cfg), 4, late=101, forge=True)
+    with caplog.at_level(logging.ERROR):
+        summary = run_server(grid, cfg, Path(cfg.run_dir), show_progress=False)
+    assert "aborted at the unmask stage: neighbour" in caplog.text
+    assert summary.rows[0]["participants"] == [] and "site-01" in summary.rows[0]["failures"]
+    assert not (Path(cfg.run_dir) / "adapters").exists()
+    ledger = PrivacyLedger(Path(cfg.run_dir) / "server_ledger.sqlite")
+    assert all(len(ledger.history(f"site-0{i}")) == 1 for i in range(4))  # the charges stay
