@@ -80,14 +80,17 @@ KEY = bytes(range(32))
 
 @pytest.mark.parametrize("message,parse", [
     (wire.AdvertiseRequest(index=2), wire.AdvertiseRequest.from_record),
-    (wire.AdvertiseReply(enc_pk=KEY, mask_pk=KEY[::-1]), wire.AdvertiseReply.from_record),
-    (wire.ShareRequest(threshold=2, neighbour_keys={1: (KEY, KEY), 3: (KEY, KEY)}),
+    (wire.AdvertiseReply(enc_pk=KEY, mask_pk=KEY[::-1], signature=b"sig"), wire.AdvertiseReply.from_record),
+    (wire.ShareRequest(threshold=2, neighbour_keys={1: wire.SignedKeys("hosp-a", KEY, KEY, b"s1"),
+                                                    3: wire.SignedKeys("hosp-c", KEY, KEY[::-1], b"s3")}),
      lambda c: wire.ShareRequest.from_record(c, own_index=2)),
     (wire.ShareReply(shares={1: b"ct1", 3: b"ct3"}), lambda c: wire.ShareReply.from_record(c, [1, 3])),
     (wire.MaskRequest(quantizer=_quantizer(), shares={1: b"x"}), lambda c: wire.MaskRequest.from_record(c, {1: 0})),
-    (wire.UnmaskRequest(survivors=frozenset({1}), dropped=frozenset({3})), wire.UnmaskRequest.from_record),
+    (wire.ConsistencyRequest(survivors=frozenset({1, 2, 3})), wire.ConsistencyRequest.from_record),
+    (wire.ConsistencyReply(signature=b"sig"), wire.ConsistencyReply.from_record),
+    (wire.UnmaskRequest(survivors=frozenset({1, 2}), signatures={1: b"a", 2: b"b"}), wire.UnmaskRequest.from_record),
     (wire.UnmaskReply(seed_shares={1: b"s"}, key_shares={3: b"k"}),
-     lambda c: wire.UnmaskReply.from_record(c, wire.UnmaskRequest(frozenset({1}), frozenset({3})))),
+     lambda c: wire.UnmaskReply.from_record(c, {1}, {3})),
 ])
 def test_each_stage_record_round_trips(message: object, parse) -> None:
     assert parse(message.to_record()) == message  # type: ignore[attr-defined]
@@ -116,16 +119,30 @@ def test_the_masked_reply_round_trips_and_is_validated_like_an_update() -> None:
      wire.AdvertiseRequest.from_record),
     (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "advertise", "index": True})}),
      wire.AdvertiseRequest.from_record),
-    (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "unmask", "survivors": [1], "dropped": [1]})}),
+    (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "unmask", "survivors": [1]})}),
      wire.AdvertiseRequest.from_record),  # another stage than the one expected
     (RecordDict({protocol.SECAGG: ConfigRecord({"enc_pk": KEY, "mask_pk": KEY[:31]})}),
      wire.AdvertiseReply.from_record),
     (wire.ShareReply(shares={4: b"x"}).to_record(), lambda c: wire.ShareReply.from_record(c, [1, 3])),
-    (wire.ShareRequest(2, {2: (KEY, KEY)}).to_record(), lambda c: wire.ShareRequest.from_record(c, own_index=2)),
+    (wire.ShareRequest(2, {2: wire.SignedKeys("hosp-b", KEY, KEY, b"s")}).to_record(),
+     lambda c: wire.ShareRequest.from_record(c, own_index=2)),
+    (wire.ShareRequest(2, {1: wire.SignedKeys("hosp-a", KEY, KEY, b"")}).to_record(),  # an empty signature
+     lambda c: wire.ShareRequest.from_record(c, own_index=2)),
+    (wire.ShareRequest(2, {1: wire.SignedKeys("hosp a\n", KEY, KEY, b"s")}).to_record(),  # not a site id
+     lambda c: wire.ShareRequest.from_record(c, own_index=2)),
+    (wire.ShareRequest(2, {1: wire.SignedKeys("hosp-a", KEY, KEY, b"s" * 161)}).to_record(),  # oversized
+     lambda c: wire.ShareRequest.from_record(c, own_index=2)),
     (wire.MaskRequest(Quantizer(bits=9, clip_range=1.0, max_weight=10 ** 6, num_sites=3), {}).to_record(),
      lambda c: wire.MaskRequest.from_record(c, {})),  # a ring that could wrap
     (wire.UnmaskReply(seed_shares={3: b"s"}, key_shares={}).to_record(),  # a share the server did not ask for
-     lambda c: wire.UnmaskReply.from_record(c, wire.UnmaskRequest(frozenset({1}), frozenset({3})))),
+     lambda c: wire.UnmaskReply.from_record(c, {1}, {3})),
+    (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "consistency", "survivors": [1, True]})}),
+     wire.ConsistencyRequest.from_record),
+    (RecordDict({protocol.SECAGG: ConfigRecord({"signature": b"s", "extra": 1})}), wire.ConsistencyReply.from_record),
+    (wire.UnmaskRequest(survivors=frozenset({1}), signatures={2: b"s"}).to_record(),  # a non-survivor's signature
+     wire.UnmaskRequest.from_record),
+    (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "unmask", "survivors": [0, 1]})}),  # no signatures
+     wire.UnmaskRequest.from_record),
 ])
 def test_malformed_stage_records_are_refused_with_the_fixed_code(content: RecordDict, parse) -> None:
     with pytest.raises(protocol.Refusal) as err:

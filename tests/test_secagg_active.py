@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedtune import adapters
 from fedtune.federation import protocol, secure_checks, wire
@@ -332,3 +334,37 @@ def test_the_sites_threshold_is_its_own_majority_whatever_the_server_asks(tmp_pa
     # Too few neighbours for the site's policy (min_other_sites = 2): refused, at no cost.
     reply = fed.share(2, {3: fed.advertised[3]})
     assert outcome(reply) == "refused" and reason(reply) == protocol.REFUSED_POLICY
+
+
+# ---------------------------------------------------------------- the new fields, with garbage
+_ANY = st.one_of(st.integers(), st.floats(allow_nan=True), st.booleans(), st.text(max_size=70), st.binary(max_size=200),
+                 st.lists(st.integers(min_value=-3, max_value=8), max_size=5))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(fields=st.dictionaries(st.sampled_from(["1.enc", "1.mask", "1.sig", "1.site", "3.sig", "3.site", "x.sig"]),
+                              _ANY, max_size=6),
+       survivors=_ANY, signatures=st.dictionaries(st.sampled_from(["1", "2", "0", "a", "-1"]), _ANY, max_size=3),
+       reply=st.dictionaries(st.sampled_from(["signature", "enc_pk", "mask_pk", "x"]), _ANY, max_size=3))
+def test_garbage_in_the_signed_fields_is_refused_with_the_fixed_code(fields: dict, survivors: object,
+                                                                      signatures: dict, reply: dict) -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    candidates = [
+        (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "share", "threshold": 2}),
+                     protocol.KEYS: ConfigRecord(fields)}), lambda c: wire.ShareRequest.from_record(c, 2)),
+        (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "consistency", "survivors": survivors})}),
+         wire.ConsistencyRequest.from_record),
+        (RecordDict({protocol.SECAGG: ConfigRecord({"stage": "unmask", "survivors": survivors}),
+                     protocol.SIGNATURES: ConfigRecord(signatures)}), wire.UnmaskRequest.from_record),
+        (RecordDict({protocol.SECAGG: ConfigRecord(reply)}), wire.ConsistencyReply.from_record),
+        (RecordDict({protocol.SECAGG: ConfigRecord(reply)}), wire.AdvertiseReply.from_record),
+    ]
+    for content, parse in candidates:
+        try:
+            parsed = parse(content)
+        except protocol.Refusal as refused:
+            assert refused.code == protocol.REFUSED_INVALID_MESSAGE
+            continue
+        for signature in [getattr(parsed, "signature", b"x")] + list(getattr(parsed, "signatures", {}).values()):
+            assert isinstance(signature, bytes) and 0 < len(signature) <= 160

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from fedtune import adapters
 from fedtune.federation import protocol
 
-from site_attack import DELETE, HostileServer, outcome, write_site
+from site_attack import DELETE, HostileServer, enrol_sites, outcome, write_site
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -74,7 +74,9 @@ def round_changes(draw: st.DrawFn) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> HostileServer:
-    site = write_site(tmp_path_factory.mktemp("site"), max_local_steps=3)
+    # Enrolled with a signed roster, so secure-aggregation stages get past the identity check.
+    (site,), _ = enrol_sites(tmp_path_factory.mktemp("site"), ["hosp-a", "hosp-b", "hosp-c"], real=1,
+                             max_local_steps=3)
     site.budget.epsilon = 1e9  # budget refusals are tested elsewhere; keep valid rounds training
     return HostileServer(site)
 
@@ -149,7 +151,7 @@ def test_any_global_adapter(server: HostileServer, data: st.DataObject) -> None:
 
 
 STAGE_NAMES = st.sampled_from([protocol.STAGE_ADVERTISE, protocol.STAGE_SHARE, protocol.STAGE_MASK,
-                               protocol.STAGE_UNMASK, "bogus"])
+                               protocol.STAGE_CONSISTENCY, protocol.STAGE_UNMASK, "bogus"])
 
 
 @st.composite
@@ -161,11 +163,14 @@ def stage_message(draw: st.DrawFn, server: HostileServer) -> dict:
     content: dict = {protocol.SECAGG: ConfigRecord(fields),
                      protocol.ROUND_CONFIG: server.round_record(**draw(round_changes()))}
     if draw(st.booleans()):
-        keys = {draw(st.sampled_from(["1.enc", "1.mask", "2.enc", "2.mask", "x", "-1.enc", "99999999.enc"])):
+        keys = {draw(st.sampled_from(["1.enc", "1.mask", "1.sig", "1.site", "2.enc", "2.mask", "2.sig", "2.site", "x",
+                                      "-1.enc", "99999999.enc"])):
                 draw(st.one_of(st.binary(min_size=32, max_size=32), GARBAGE)) for _ in range(draw(st.integers(0, 4)))}
         content[protocol.KEYS] = ConfigRecord({k: v for k, v in keys.items() if v is not None})
     if draw(st.booleans()):
         content[protocol.SHARES] = ConfigRecord({draw(st.sampled_from(["1", "2", "0", "a"])): draw(GARBAGE)})
+    if draw(st.booleans()):
+        content[protocol.SIGNATURES] = ConfigRecord({draw(st.sampled_from(["1", "2", "0", "a"])): draw(GARBAGE)})
     if draw(st.booleans()):
         content[protocol.GLOBAL_ADAPTER] = adapters.to_array_record(server.state)
     return content
