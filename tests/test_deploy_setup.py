@@ -56,7 +56,7 @@ def test_init_federation_writes_ca_superlink_cert_and_site_kits(fed_dir: Path, t
     for key in (paths.ca_key, paths.superlink_key, tmp_path / "homes" / "hosp-a" / "auth.key"):
         assert _mode(key) == 0o600, key
     for site in fed.sites:
-        assert sorted(p.name for p in paths.kit(site.site_id).iterdir()) == ["ca.crt", "site.yaml"]
+        assert sorted(p.name for p in paths.kit(site.site_id).iterdir()) == ["ca.crt", "roster.json", "site.yaml"]
         assert not site.operator_holds_key
         enrolled = paths.site_public_key(site.site_id).read_bytes()
         assert enrolled.strip() == (tmp_path / "homes" / site.site_id / "auth.pub").read_bytes().strip()
@@ -111,8 +111,33 @@ def test_init_federation_refuses_bad_input_and_never_overwrites(tmp_path: Path, 
     add_sites(fed_dir, {"hosp-d": key})
     paths, fed = load_federation(fed_dir)
     assert [s.site_id for s in fed.sites] == ["hosp-a", "hosp-b", "hosp-c", "hosp-d"]
-    assert sorted(p.name for p in paths.kit("hosp-d").iterdir()) == ["ca.crt", "site.yaml"]
+    assert sorted(p.name for p in paths.kit("hosp-d").iterdir()) == ["ca.crt", "roster.json", "site.yaml"]
     assert "runtime_port: 9103" in (paths.kit("hosp-d") / "site.yaml").read_text()
+    _check_rosters(paths, tmp_path / "homes")
+
+
+def _check_rosters(paths: FederationPaths, homes: Path) -> None:
+    """Every kit holds the same CA-signed roster of all enrolled keys; a changed or foreign one is refused."""
+    from fedtune.deploy.roster import load_roster, signed_roster, site_identity
+
+    text = (paths.kit("hosp-a") / "roster.json").read_text()
+    assert all((paths.kit(s) / "roster.json").read_text() == text for s in ("hosp-b", "hosp-c", "hosp-d"))
+    roster = load_roster(paths.kit("hosp-a") / "roster.json", paths.ca_cert)
+    assert sorted(roster.sites) == ["hosp-a", "hosp-b", "hosp-c", "hosp-d"] and roster.version == 4
+    identity = site_identity(paths.kit("hosp-a") / "roster.json", paths.ca_cert, "hosp-a", homes / "hosp-a" / "auth.key")
+    assert identity.verify("hosp-a", b"x", identity.sign(b"x")) and not identity.verify("hosp-b", b"x", identity.sign(b"x"))
+    with pytest.raises(ConfigError, match="does not list hosp-b under this site's auth key"):
+        site_identity(paths.kit("hosp-b") / "roster.json", paths.ca_cert, "hosp-b", homes / "hosp-a" / "auth.key")
+    document = json.loads(text)
+    swapped = dict(document["roster"]["sites"], **{"hosp-b": document["roster"]["sites"]["hosp-a"]})
+    tampered = paths.root / "tampered.json"
+    tampered.write_text(json.dumps({**document, "roster": {**document["roster"], "sites": swapped}}))
+    with pytest.raises(ConfigError, match="not the federation CA's"):
+        load_roster(tampered, paths.ca_cert)
+    foreign = pki.CertificateAuthority.create("other")  # the server's own CA: not the one in the kit
+    tampered.write_text(signed_roster(roster.federation, 5, document["roster"]["sites"], foreign.key))
+    with pytest.raises(ConfigError, match="not the federation CA's"):
+        load_roster(tampered, paths.ca_cert)
 
 
 def test_demo_keys_are_generated_into_the_kits_with_a_warning(tmp_path: Path, caplog) -> None:
