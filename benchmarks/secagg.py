@@ -1,4 +1,4 @@
-"""Secure aggregation cost: fedtune's SecAgg+ beside Flower's SecAgg+ and plain aggregation.
+"""Secure aggregation cost: fedtune's SecAgg+ (signed and not) beside Flower's SecAgg+ and plain aggregation.
 
 One run, same inputs, side by side (the machine is noisy; read the ratios, not the
 absolute times).  For each federation size n, every site holds a float32 LoRA delta
@@ -26,6 +26,11 @@ What is measured, per implementation:
 
 fedtune: the functions of ``fedtune.secagg.protocol`` that ``secure_client`` and
 ``secure_server`` call, with replies built as those modules build them.
+fedtune signed: the same, plus the active-adversary checks as ``secure_client`` runs them
+(``fedtune.federation.secure_checks``): each site signs its keys (advertise), verifies
+its k neighbours' signatures against the roster (share), signs the survivor set
+(consistency, a fifth round trip) and verifies its neighbours' survivor signatures
+(unmask); keys are ECDSA P-384, what ``fedtune client keygen`` makes.
 Flower (flwr 1.42): running ``SecAggPlusWorkflow`` + ``secaggplus_mod`` end to end
 for 100 nodes is impractical here, so this drives, in-process, the mod's own stage
 functions (``_setup``, ``_share_keys``, ``_collect_masked_vectors``, ``_unmask``) and,
@@ -74,15 +79,19 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedtune import adapters
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedtune.federation import protocol as msgs
-from fedtune.federation import wire
+from fedtune.federation import secure_checks, wire
+from fedtune.privacy.policy import SitePolicy
 from fedtune.secagg import protocol
 from fedtune.secagg.masks import Quantizer
+from fedtune.secagg.signing import Identity, keys_statement, survivors_statement
 
 # The module, not the function of the same name that its package re-exports.
 fmod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
-STAGES = ("advertise", "share", "mask", "unmask")
+STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 ROUND = 1
 CLIP = 1.0
 MAX_WEIGHT = 1000
@@ -133,24 +142,52 @@ class Clock:
 
 
 # ------------------------------------------------------------------ fedtune
+def identities(n: int) -> dict[int, Identity]:
+    """One enrolled P-384 key per site and the roster of all of them (made once, not timed)."""
+    keys = {i: ec.generate_private_key(ec.SECP384R1()) for i in range(1, n + 1)}
+    roster = {f"site-{i}": key.public_key() for i, key in keys.items()}
+    return {i: Identity("bench", f"site-{i}", key, roster) for i, key in keys.items()}
+
+
+def signed_advertise(ident: Identity, i: int) -> tuple[protocol.SiteSecrets, tuple[bytes, bytes], bytes]:
+    secrets_, (enc, mask) = protocol.advertise_keys(i)
+    return secrets_, (enc, mask), ident.sign(keys_statement(ident.federation, ROUND, i, ident.site_id, enc, mask))
+
+
+def signed_share(ident: Identity, site: protocol.SiteSecrets, request: wire.ShareRequest, t: int) -> dict[int, bytes]:
+    keys, names = secure_checks.verified_neighbours(ident, ROUND, request, SitePolicy())
+    site.threshold, site.neighbour_sites = protocol.site_threshold(len(keys), t), names
+    return protocol.share_keys(site, keys, site.threshold, ROUND)
+
+
 def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: set[int], res: Timings,
-                plain_sums: dict[str, tuple[np.ndarray, float]]) -> Iterator[None]:
-    """A generator: yields after each site's step, so that main() can interleave the two."""
+                plain_sums: dict[str, tuple[np.ndarray, float]], signed: bool = False) -> Iterator[None]:
+    """A generator: yields after each site's step, so that main() can interleave the implementations."""
     sites = list(range(1, n + 1))
     graph = protocol.neighbour_graph(sites, k, seed=ROUND)
     quant = Quantizer(bits=32, clip_range=CLIP, max_weight=MAX_WEIGHT, num_sites=n)
     quant.check()
     clocks = {i: Clock() for i in sites}
     sent = {i: 0 for i in sites}
-    secrets_, public = {}, {}
+    ids = identities(n) if signed else {}
+    secrets_, public, signatures = {}, {}, {}
     for i in sites:
-        secrets_[i], public[i] = clocks[i].run("advertise", protocol.advertise_keys, i)
-        sent[i] += wire_bytes({**wire.AdvertiseReply(*public[i]).to_record(), msgs.STATUS: ok()})
+        if signed:
+            secrets_[i], public[i], signatures[i] = clocks[i].run("advertise", signed_advertise, ids[i], i)
+        else:
+            secrets_[i], public[i] = clocks[i].run("advertise", protocol.advertise_keys, i)
+        sent[i] += wire_bytes({**wire.AdvertiseReply(*public[i], signatures.get(i, b"")).to_record(),
+                               msgs.STATUS: ok()})
         yield
     shares = {}
     for i in sites:
-        shares[i] = clocks[i].run("share", protocol.share_keys, secrets_[i], {j: public[j] for j in graph[i]}, t,
-                                  ROUND)
+        if signed:
+            request = wire.ShareRequest(t, {j: wire.SignedKeys(f"site-{j}", *public[j], signatures[j])
+                                            for j in graph[i]})
+            shares[i] = clocks[i].run("share", signed_share, ids[i], secrets_[i], request, t)
+        else:
+            shares[i] = clocks[i].run("share", protocol.share_keys, secrets_[i], {j: public[j] for j in graph[i]},
+                                      t, ROUND)
         sent[i] += wire_bytes({**wire.ShareReply(shares[i]).to_record(), msgs.STATUS: ok()})
         yield
     routed = protocol.route_shares(shares)
@@ -164,16 +201,25 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
     for i in sites:
         delta, weight = site_delta(entries, i)
         masked[i] = clocks[i].run("mask", mask, i, delta, weight)
+        secrets_[i].masked = True
         sent[i] += wire_bytes({**wire.MaskReply(masked[i]).to_record(), msgs.STATUS: ok()})
         yield
 
     for case, arrived in (("after", set(sites)), ("before", set(sites) - dropped)):
         answering = arrived - dropped  # sites that reply to the unmask stage
+        view = frozenset(arrived)
+        survivor_sigs = {i: consistency(ids[i], secrets_[i], view, clocks[i] if case == "after" else Clock(),
+                                        sent if case == "after" else None)
+                         for i in sorted(answering)} if signed else {}
         seed_shares: dict[int, dict[int, bytes]] = {}
         key_shares: dict[int, dict[int, bytes]] = {}
         for i in sorted(answering):
             survivors = {j for j in graph[i] if j in arrived}
             gone = {j for j in graph[i] if j not in arrived}
+            if signed:
+                request = wire.UnmaskRequest(view, {j: survivor_sigs[j] for j in graph[i] if j in survivor_sigs})
+                check = Clock() if case != "after" else clocks[i]
+                check.run("unmask", secure_checks.check_survivor_signatures, ids[i], secrets_[i], ROUND, request)
             if case == "after":
                 s, kk = clocks[i].run("unmask", protocol.unmask, secrets_[i], survivors, gone, ROUND)
                 sent[i] += wire_bytes({**wire.UnmaskReply(s, kk).to_record(), msgs.STATUS: ok()})
@@ -195,6 +241,21 @@ def run_fedtune(n: int, entries: int, k: int, t: int, dropped: set[int], timed: 
         res.error[case + "_bound"] = quant.sum_error_bound / total
         yield
     res.record_sites(clocks, timed, sent, [i for i in sites if i not in dropped])
+
+
+def consistency(ident: Identity, site: protocol.SiteSecrets, view: frozenset[int], clock: Clock,
+                sent: dict[int, int] | None) -> bytes:
+    """The signed protocol's fourth stage at one site: check the survivor set, sign it."""
+    def sign() -> bytes:
+        secure_checks.check_survivors(site, view, SitePolicy())
+        site.signed = view
+        return ident.sign(survivors_statement(ident.federation, ROUND, site.index, site.mask.public, view))
+
+    site.signed = None  # each case of the benchmark is its own round's view
+    signature = clock.run("consistency", sign)
+    if sent is not None:
+        sent[site.index] += wire_bytes({**wire.ConsistencyReply(signature).to_record(), msgs.STATUS: ok()})
+    return signature
 
 
 # ------------------------------------------------------------------ Flower
@@ -355,7 +416,7 @@ def main() -> None:
 
     print(f"LoRA delta of {entries:,} float32 entries; {DROPOUT:.0%} of the sites drop out; ring 2^32 "
           f"(Flower: modulus 2^32, quantisation range 2^22); clipping range {CLIP}, max weight {MAX_WEIGHT}")
-    rows = []
+    rows, ratios = [], []
     for n in sizes:
         k = protocol.default_neighbours(n)
         t = k // 2 + 1
@@ -366,13 +427,17 @@ def main() -> None:
         which = f"sites {sorted(timed)}" if len(timed) < len(surviving) else f"all {len(timed)} surviving sites"
         print(f"\nn={n}: k={k} neighbours, threshold t={t}; dropped sites {sorted(dropped)}; client stages timed "
               f"on {which}, median (all {n} sites simulated)", flush=True)
-        plain, ours, flower = Timings(), Timings(), Timings()
+        plain, ours, signed, flower = Timings(), Timings(), Timings(), Timings()
         sums = run_plain(n, entries, dropped, plain)
         interleave(run_fedtune(n, entries, k, t, dropped, timed, ours, sums),
+                   run_fedtune(n, entries, k, t, dropped, timed, signed, sums, signed=True),
                    run_flower(n, entries, k, t, dropped, timed, flower, sums))
         del sums
         plain_bytes = plain.bytes_per_site[0]
-        for name, r in (("fedtune", ours), ("Flower", flower), ("plain", plain)):
+        ratios.append((n, median(signed.total) / median(ours.total), median(signed.total) / median(flower.total),
+                       median(signed.bytes_per_site) / plain_bytes,
+                       signed.server["after"] / ours.server["after"]))
+        for name, r in (("fedtune", ours), ("fedtune signed", signed), ("Flower", flower), ("plain", plain)):
             per_stage = {s: median(r.client[s]) for s in STAGES}
             total = median(r.total) if r.total else 0.0
             b = median(r.bytes_per_site)
@@ -383,17 +448,22 @@ def main() -> None:
               f"{ours.error['after']:.2e}/{ours.error['before']:.2e} (bound {ours.error['after_bound']:.2e}/"
               f"{ours.error['before_bound']:.2e}); Flower {flower.error['after']:.2e}/{flower.error['before']:.2e}")
 
-    print("\n| n | implementation | advertise ms | share ms | mask ms | unmask ms | client total ms | "
-          "mask, total × Flower | server s (drop after mask) | server s (drop before mask) | bytes/site | × plain |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| n | implementation | advertise ms | share ms | mask ms | consistency ms | unmask ms | client total ms "
+          "| mask, total × Flower | server s (drop after mask) | server s (drop before mask) | bytes/site | × plain |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, name, st, total, vs_flower, after, before, b, vs_plain in rows:
         if name == "plain":
-            cells = ["—"] * 6
+            cells = ["—"] * 7
         else:
             cells = [f"{st[s] * 1e3:.1f}" for s in STAGES] + [f"{total * 1e3:.1f}",
                                                                 f"{vs_flower[0]:.2f}, {vs_flower[1]:.2f}"]
         print(f"| {n} | {name} | " + " | ".join(cells) + f" | {after:.3f} | {before:.3f} | {b / 1e6:.3f} MB | "
               f"{vs_plain:.3f} |")
+    print("\n| n | signed client total × fedtune | signed client total × Flower | signed bytes × plain | "
+          "signed server × fedtune |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for n, vs_ours, vs_flower, vs_plain, server in ratios:
+        print(f"| {n} | {vs_ours:.2f} | {vs_flower:.2f} | {vs_plain:.4f} | {server:.2f} |")
 
 
 if __name__ == "__main__":
