@@ -8,5 +8,6 @@ are a ChaCha20 keystream keyed by the full 32-byte derived key, uniform over Z_(
 
 Modules: ``crypto`` (X25519, HKDF, ChaCha20-Poly1305), ``shamir`` (secret sharing),
 ``masks`` (mask streams and quantisation), ``protocol`` (the site's and the server's
-halves of each stage, as plain functions over plain data).
+halves of each stage, as plain functions over plain data), ``signing`` (the signed keys
+and survivor sets that hold against an active server).
 """

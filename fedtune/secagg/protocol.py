@@ -7,9 +7,12 @@ Stages (each one Message-API round trip when wired into the apps):
   2. share      site: Shamir t-of-k shares of b and of s's private key, each pair
                 encrypted to its neighbour (ChaCha20-Poly1305, key = HKDF(X25519)).
   3. mask       site: y = x + PRG(b) + Σ_{j>i} PRG(k_ij) − Σ_{j<i} PRG(k_ij).
-  4. unmask     site: for each neighbour, the b-share if it survived, the key-share if
-                it dropped, never both; server: remove self masks of survivors and
-                the dangling pairwise masks of dropped sites, or abandon the round.
+  4. consistency site: sign the set of survivors it was told (``signing``); the site's
+                checks against an active server are in ``federation.secure_checks``.
+  5. unmask     site: for each neighbour, the b-share if it survived, the key-share if
+                it dropped, never both, once t neighbours signed the same survivors;
+                server: remove self masks of survivors and the dangling pairwise masks
+                of dropped sites, or abandon the round.
 
 Sites are numbered 1..n within a round (Shamir x-coordinates); nothing secret is logged.
 """
