@@ -69,7 +69,10 @@ class SecureAggregation:
         s = self.cfg.secagg
         quant = Quantizer(bits=s.bits, clip_range=s.clip_range, max_weight=s.max_weight, num_sites=len(routed))
         masked = masked_input(rnd, routed, quant, global_state)
-        signatures = consistency_check(rnd, set(masked)) if len(masked) >= t else None
+        # Each survivor needs t surviving neighbours (its own check, and the shares of its
+        # self-mask); with fewer the round cannot complete, so nobody is asked to sign.
+        enough = len(masked) >= t and all(len(set(graph[i]) & set(masked)) >= t for i in masked)
+        signatures = consistency_check(rnd, set(masked)) if enough else None
         if signatures is None:
             _abandon(rnd, set(masked), "too few survivors, or a site aborted the consistency check")
             return rnd.out
