@@ -30,7 +30,7 @@ fedtune signed: the same, plus the active-adversary checks as ``secure_client`` 
 (``fedtune.federation.secure_checks``): each site signs its keys (advertise), verifies
 its k neighbours' signatures against the roster (share), signs the survivor set
 (consistency, a fifth round trip) and verifies its neighbours' survivor signatures
-(unmask); keys are ECDSA P-384, what ``fedtune client keygen`` makes.
+(unmask); keys are ECDSA P-256, what ``fedtune client keygen`` makes.
 Flower (flwr 1.42): running ``SecAggPlusWorkflow`` + ``secaggplus_mod`` end to end
 for 100 nodes is impractical here, so this drives, in-process, the mod's own stage
 functions (``_setup``, ``_share_keys``, ``_collect_masked_vectors``, ``_unmask``) and,
@@ -143,8 +143,8 @@ class Clock:
 
 # ------------------------------------------------------------------ fedtune
 def identities(n: int) -> dict[int, Identity]:
-    """One enrolled P-384 key per site and the roster of all of them (made once, not timed)."""
-    keys = {i: ec.generate_private_key(ec.SECP384R1()) for i in range(1, n + 1)}
+    """One enrolled P-256 key per site and the roster of all of them (made once, not timed)."""
+    keys = {i: ec.generate_private_key(ec.SECP256R1()) for i in range(1, n + 1)}
     roster = {f"site-{i}": key.public_key() for i, key in keys.items()}
     return {i: Identity("bench", f"site-{i}", key, roster) for i, key in keys.items()}
 
