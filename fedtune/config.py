@@ -127,7 +127,9 @@ class PrivacyConfig:
     # Each site's (ε, δ) budget over the whole federation.
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    noise_multiplier: float = 0.8
+    # DP-SGD's σ; null: calibrated so that a site training every round spends exactly
+    # target_epsilon over num_rounds × local_steps at sample_rate (fedtune.privacy.calibration).
+    noise_multiplier: Optional[float] = None
     max_grad_norm: float = 1.0
     sample_rate: float = 0.05
     accountant: str = "rdp"
@@ -141,8 +143,13 @@ class PrivacyConfig:
 @dataclass
 class TrainConfig:
     local_steps: int = 15
-    learning_rate: float = 0.01
-    optimizer: str = "adam"
+    # The local optimiser and its step sizes; null: the task's defaults (Task.training_defaults:
+    # causal_lm Adam 0.01; classification SGD 0.05 for the adapter, 8 for the new head).
+    learning_rate: Optional[float] = None
+    optimizer: Optional[str] = None
+    # Step size of a newly initialised head (a classifier's), which under DP must move far
+    # while the adapter moves little; null: the task's default, or learning_rate.
+    head_learning_rate: Optional[float] = None
     eval_batch_size: int = 32
     torch_threads: int = 1
     # Seeds Poisson sampling and DP noise, for reproducible research runs only.  Never
@@ -248,22 +255,28 @@ def validate_privacy(p: PrivacyConfig) -> None:
             "Use a small positive δ below 1/(records per site), e.g. 1e-5.")
     require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"clipping norm {p.max_grad_norm} is not positive",
             "Use a positive clipping norm C, e.g. 1.0.")
-    require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"{p.noise_multiplier} is negative",
-            "Use σ ≥ 0 (σ = 0 gives no privacy: set privacy.enabled=false instead).")
+    require(0 < p.sample_rate <= 1, "privacy.sample_rate", f"{p.sample_rate} is outside (0, 1]",
+            "Use a Poisson sampling rate q in (0, 1], e.g. 0.2.")
+    _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    if p.noise_multiplier is None:
+        return
+    require(p.noise_multiplier >= 0 and math.isfinite(p.noise_multiplier), "privacy.noise_multiplier",
+            f"{p.noise_multiplier} is not a finite σ ≥ 0",
+            "Use σ ≥ 0, or null to calibrate σ to privacy.target_epsilon over the run.")
     if p.enabled:
         require(p.noise_multiplier > 0, "privacy.noise_multiplier",
                 "σ = 0 with privacy.enabled=true gives an infinite ε",
-                "Use σ > 0 (e.g. 0.8), or set privacy.enabled=false.")
-    require(0 < p.sample_rate <= 1, "privacy.sample_rate", f"{p.sample_rate} is outside (0, 1]",
-            "Use a Poisson sampling rate q in (0, 1], e.g. 0.05.")
-    _choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+                "Use σ > 0, null (calibrated to privacy.target_epsilon), or set privacy.enabled=false.")
 
 
 def validate_train(t: TrainConfig) -> None:
     require(t.local_steps >= 1, "train.local_steps", f"{t.local_steps} < 1", "Use at least one local step.")
-    require(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} is not positive",
-            "Use a positive learning rate, e.g. 0.01.")
-    _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+    for name in ("learning_rate", "head_learning_rate"):
+        value = getattr(t, name)
+        require(value is None or (value > 0 and math.isfinite(value)), f"train.{name}",
+                f"{value} is not a positive number", "Use a positive step size such as 0.05, or null for the task's.")
+    if t.optimizer is not None:
+        _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} < 1", "Use at least 1.")
     require(t.torch_threads >= 1, "train.torch_threads", f"{t.torch_threads} < 1", "Use at least 1.")
 

@@ -25,6 +25,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.data import load_federated_data
 from fedtune.errors import require
 from fedtune.federation.server import ServerSummary
+from fedtune.privacy.calibration import noise_multiplier
 from fedtune.validation import validate, validate_against_data
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def describe_run(cfg: FedtuneConfig) -> list[str]:
     per_round = f", {f.sites_per_round} a round" if f.sites_per_round is not None else ""
     gpus = f" + {f.gpus_per_site:g} GPU" if f.gpus_per_site > 0 else ""
     where = f"Ray cluster {f.ray_address}" if f.ray_address is not None else "local Ray"
-    privacy = (f"ε ≤ {p.target_epsilon:g} per site, δ = {p.delta:g} ({p.accountant}; σ = {p.noise_multiplier:g}, "
+    sigma = f"{noise_multiplier(cfg):.3g}" + (" calibrated" if p.noise_multiplier is None else "") if p.enabled else ""
+    privacy = (f"ε ≤ {p.target_epsilon:g} per site, δ = {p.delta:g} ({p.accountant}; σ = {sigma}, "
                f"q = {p.sample_rate:g}, {t.local_steps} steps a round)" if p.enabled else "off (no DP-SGD)")
     secagg = "on (SecAgg+: the server sees only sums)" if cfg.secagg.enabled else "off"
     return [

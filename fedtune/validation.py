@@ -22,6 +22,8 @@ from fedtune.config import (
     validate_train,
 )
 from fedtune.errors import require
+from fedtune.privacy.accounting import MAX_NOISE_MULTIPLIER
+from fedtune.privacy.calibration import noise_multiplier
 from fedtune.secagg.parameters import validate_secagg
 from fedtune.tasks import get_task
 
@@ -41,6 +43,21 @@ def validate(cfg: FedtuneConfig) -> None:
     if cfg.secagg.enabled:
         validate_secagg(cfg)
     validate_model(cfg.model)
+    if cfg.privacy.enabled and cfg.privacy.noise_multiplier is None:
+        validate_calibration(cfg)
+
+
+def validate_calibration(cfg: FedtuneConfig) -> None:
+    """A calibrated σ (privacy.noise_multiplier=null) exists and is one a site accepts."""
+    p = cfg.privacy
+    try:
+        sigma = noise_multiplier(cfg)
+    except ValueError:
+        sigma = math.inf
+    require(sigma <= MAX_NOISE_MULTIPLIER, "privacy.noise_multiplier",
+            f"spending ε={p.target_epsilon:g} over {cfg.federation.num_rounds} rounds × {cfg.train.local_steps} "
+            f"steps at q={p.sample_rate:g} needs σ > {MAX_NOISE_MULTIPLIER:g}, which sites refuse",
+            "Raise privacy.target_epsilon, or lower privacy.sample_rate, train.local_steps or federation.num_rounds.")
 
 
 def validate_against_data(cfg: FedtuneConfig, site_sizes: list[int], total_records: int) -> None:

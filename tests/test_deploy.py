@@ -185,7 +185,8 @@ def test_unknown_key_plain_text_and_control_api_from_the_site_side_are_refused(f
 def test_killed_site_is_dropped_resumes_with_its_ledger_and_an_exhausted_site_stays_idle(federation) -> None:
     fed = federation(["hosp-a", "hosp-b", "hosp-c", "hosp-d"])
     # hosp-d's own budget fits two rounds of (σ=0.8, q=0.05, 3 steps) but not three.
-    fed.start_server("federation.num_sites=4", "federation.num_rounds=3", *SERVER_ARGS)
+    fed.start_server("federation.num_sites=4", "federation.num_rounds=3", "privacy.noise_multiplier=0.8",
+                     *SERVER_ARGS)
     for site in ("hosp-a", "hosp-b", "hosp-c"):
         fed.start_site(site)
     fed.start_site("hosp-d", "budget.epsilon=3.4")

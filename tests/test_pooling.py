@@ -118,3 +118,31 @@ def test_an_unknown_pooling_is_refused_by_name() -> None:
     cfg.model.pooling = "max"
     with pytest.raises(ConfigError, match="model.pooling"):
         validate(cfg)
+
+
+def _one_step(folder: Path, head_lr: float) -> dict[str, torch.Tensor]:
+    """The change one noiseless, unclipped SGD step makes to every trained tensor."""
+    from fedtune.privacy.dpsgd import train_locally
+
+    torch.manual_seed(0)
+    lora = attach_lora(build(folder), LoraSettings(rank=2, alpha=4.0), seed=0, task_type=CLASSIFY.peft_task_type)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name:
+                param.normal_(0, 0.1)  # every tensor gets a gradient
+    before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    tok = bert_tokenizer(folder)
+    examples = [CLASSIFY.encode(Record("", t, label=i % 3), tok, 16) for i, t in enumerate(["great film", "dull"])]
+    params = DPSGDParams(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=1.0, steps=1, learning_rate=0.1,
+                         optimizer="sgd", head_learning_rate=head_lr)
+    train_locally(CLASSIFY, lora, examples, params, tok.pad_token_id, seed=0, noise_seed=0)
+    return {n: p.detach() - before[n] for n, p in lora.named_parameters() if p.requires_grad}
+
+
+def test_the_head_steps_with_its_own_learning_rate(tmp_path) -> None:
+    folder = sentence_folder(tmp_path / "enc")
+    same, tenfold = _one_step(folder, head_lr=0.1), _one_step(folder, head_lr=1.0)
+    for name in same:
+        ratio = 10.0 if ".modules_to_save." in name else 1.0
+        assert same[name].abs().max() > 0, name
+        torch.testing.assert_close(tenfold[name], ratio * same[name], rtol=1e-4, atol=1e-7)

@@ -64,6 +64,8 @@ def test_a_deployed_sites_noise_is_never_reproducible(server: HostileServer) -> 
     ("noise_multiplier", 0.0), ("noise_multiplier", 1e300), ("noise_multiplier", "1.0"),
     ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("max_grad_norm", math.inf),
     ("learning_rate", math.nan), ("learning_rate", 0.0), ("sample_rate", 0.0), ("sample_rate", 1.5),
+    ("head_learning_rate", math.nan), ("head_learning_rate", -0.5), ("head_learning_rate", 1e9),
+    ("head_learning_rate", "8"), ("head_learning_rate", DELETE),
     ("sample_rate", math.nan), ("round", -3), ("optimizer", "lbfgs"), ("strategy", "median"),
     ("private", 1), ("base_fingerprint", "00"), ("local_steps", DELETE), ("extra_field", 1),
 ])

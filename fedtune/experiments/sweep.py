@@ -26,6 +26,7 @@ from fedtune.config import FedtuneConfig, load_structured, to_dict
 from fedtune.checkpoint import atomic_write_text
 from fedtune.errors import ConfigError
 from fedtune.experiments.engine import run_federation
+from fedtune.privacy.calibration import calibrate_noise
 from fedtune.strategies import REGISTRY as STRATEGIES
 from fedtune.validation import validate, validate_against_data
 
@@ -107,31 +108,6 @@ def expand_grid(epsilons: Sequence[float], partitions: Sequence[str], strategies
                 for eps in epsilons:
                     settings.append(Setting(eps, strategy, 1, "iid", seed, dirichlet_alpha, centralised=True))
     return settings
-
-
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, rounds: int, local_steps: int,
-                    accountant: str) -> float:
-    """The noise multiplier σ at which a site training every round spends ``epsilon``.
-
-    Opacus' search returns a σ whose ε is within 0.01 below the target; the result is
-    checked against fedtune's own accounting of the per-round charges (what the ledger
-    and the server will compute), so no run is refused for a rounding error.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    from fedtune.privacy.accounting import Charge, epsilon as epsilon_of
-
-    with warnings.catch_warnings():
-        # "Optimal order is the largest alpha" while the search tries tiny σ: harmless here.
-        warnings.simplefilter("ignore", UserWarning)
-        sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                     steps=rounds * local_steps, accountant=accountant, epsilon_tolerance=0.005)
-    for _ in range(50):
-        history = [Charge(r, sigma, sample_rate, local_steps) for r in range(1, rounds + 1)]
-        if epsilon_of(history, delta, accountant) <= epsilon:
-            return float(sigma)
-        sigma *= 1.001
-    raise ValueError(f"could not calibrate σ for ε={epsilon}")
 
 
 def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path,

@@ -224,7 +224,8 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     noise_seed = None if seed is None else stable_seed(seed, site.name, rc.round, "noise")
     params = DPSGDParams(
         noise_multiplier=rc.noise_multiplier, max_grad_norm=rc.max_grad_norm, sample_rate=rc.sample_rate,
-        steps=rc.local_steps, learning_rate=rc.learning_rate, optimizer=rc.optimizer, private=rc.private,
+        steps=rc.local_steps, learning_rate=rc.learning_rate, head_learning_rate=rc.head_learning_rate,
+        optimizer=rc.optimizer, private=rc.private,
     )
     result = train_locally(task, model, examples, params, tokenizer.pad_token_id, seed=sample_seed,
                            noise_seed=noise_seed)

@@ -51,7 +51,7 @@ CODES = (REFUSED_INVALID_MESSAGE, REFUSED_POLICY, REFUSED_BUDGET, REFUSED_BASE_M
 MAX_LOCAL_STEPS = 100_000
 MAX_ROUND = 10_000_000
 MAX_GRAD_NORM = 1e6
-MAX_LEARNING_RATE = 10.0
+MAX_LEARNING_RATE = 100.0
 FINGERPRINT_HEX = 64
 
 
@@ -101,6 +101,8 @@ class RoundConfig:
     local_steps: int
     max_grad_norm: float
     learning_rate: float
+    # A newly initialised head's step size (a classifier's); the adapter's is learning_rate.
+    head_learning_rate: float
     optimizer: str
     strategy: str
     private: bool
@@ -145,6 +147,7 @@ class RoundConfig:
             local_steps=_int_in(record, "local_steps", 1, MAX_LOCAL_STEPS),
             max_grad_norm=_float_in(record, "max_grad_norm", 0.0, MAX_GRAD_NORM, low_open=True),
             learning_rate=_float_in(record, "learning_rate", 0.0, MAX_LEARNING_RATE, low_open=True),
+            head_learning_rate=_float_in(record, "head_learning_rate", 0.0, MAX_LEARNING_RATE, low_open=True),
             optimizer=_choice_of(record, "optimizer", OPTIMIZERS),
             strategy=_choice_of(record, "strategy", STRATEGIES),
             private=private,

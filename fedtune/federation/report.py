@@ -20,6 +20,7 @@ from fedtune.checkpoint import atomic_write_text
 from fedtune.config import FedtuneConfig
 from fedtune.evaluate import EvalResult
 from fedtune.federation.rounds import RoundOutcome
+from fedtune.privacy.calibration import noise_multiplier
 from fedtune.privacy.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list["SiteI
             "delta": site.delta,
             "rounds": len(history),
             "steps": sum(c.steps for c in history),
-            "noise_multiplier": cfg.privacy.noise_multiplier if cfg.privacy.enabled else 0.0,
+            "noise_multiplier": noise_multiplier(cfg),
             "sample_rate": cfg.privacy.sample_rate,
         }
     return report

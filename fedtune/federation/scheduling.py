@@ -18,18 +18,21 @@ from flwr.serverapp import Grid
 from fedtune.config import FedtuneConfig
 from fedtune.federation import protocol
 from fedtune.federation.membership import SiteInfo, reachable
+from fedtune.privacy.calibration import noise_multiplier
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.tasks import training_settings
 
 log = logging.getLogger(__name__)
 
 
 def round_config(cfg: FedtuneConfig, round_number: int, base_fingerprint: str) -> protocol.RoundConfig:
-    """The round config the server sends; a non-private run dictates σ = 0."""
-    p, t = cfg.privacy, cfg.train
+    """The round config the server sends; a non-private run dictates σ = 0, a null σ the calibrated one."""
+    p, t, steps = cfg.privacy, cfg.train, training_settings(cfg)
     return protocol.RoundConfig(
-        round=round_number, noise_multiplier=p.noise_multiplier if p.enabled else 0.0,
+        round=round_number, noise_multiplier=noise_multiplier(cfg),
         sample_rate=p.sample_rate, local_steps=t.local_steps, max_grad_norm=p.max_grad_norm,
-        learning_rate=t.learning_rate, optimizer=t.optimizer, strategy=cfg.federation.strategy,
+        learning_rate=steps.learning_rate, head_learning_rate=float(steps.head_learning_rate),
+        optimizer=steps.optimizer, strategy=cfg.federation.strategy,
         private=p.enabled, base_fingerprint=base_fingerprint,
     )
 
@@ -57,7 +60,7 @@ def exhausted_reason(rc: protocol.RoundConfig) -> str:
     """Why the run stops when no site can afford round ``rc.round``, with what to change."""
     return (f"no site has privacy budget left for round {rc.round}: one more round of "
             f"σ={rc.noise_multiplier}, q={rc.sample_rate}, {rc.local_steps} steps would exceed "
-            "every site's ε budget. Raise privacy.target_epsilon or privacy.noise_multiplier, "
+            "every site's ε budget. Raise privacy.target_epsilon (or privacy.noise_multiplier), "
             "or lower privacy.sample_rate or train.local_steps.")
 
 

@@ -53,6 +53,8 @@ class DPSGDParams:
     learning_rate: float
     optimizer: str = "adam"
     private: bool = True
+    # A newly initialised head's step size (peft's modules_to_save); None: learning_rate.
+    head_learning_rate: Optional[float] = None
 
 
 @dataclass
@@ -62,10 +64,22 @@ class LocalTrainResult:
     empty_batches: int
 
 
-def _base_optimizer(params: list[torch.nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr)
+def _base_optimizer(model: torch.nn.Module, params: DPSGDParams) -> torch.optim.Optimizer:
+    """The local optimiser, with the head's tensors in a group of their own step size.
+
+    Per-group step sizes rescale the already noised gradient, so they are post-processing
+    and cost no privacy; the clipping and the noise see one gradient over every tensor.
+    """
+    head, adapter = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if ".modules_to_save." in name else adapter).append(param)
+    head_lr = params.head_learning_rate if params.head_learning_rate is not None else params.learning_rate
+    groups = [{"params": group, "lr": lr} for group, lr in ((adapter, params.learning_rate), (head, head_lr))
+              if group]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=params.learning_rate)
+    return torch.optim.Adam(groups, lr=params.learning_rate)
 
 
 def poisson_batches(num_records: int, sample_rate: float, steps: int,
@@ -92,7 +106,7 @@ class DPSGDTrainer:
         self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self.expected_batch_size = max(1, int(round(params.sample_rate * num_records)))
         self._hooks: Optional[GradSampleHooks] = None
-        base = _base_optimizer(self.trainable, params.optimizer, params.learning_rate)
+        base = _base_optimizer(model, params)
         if params.private:
             # torch's default generator starts from a fixed, public seed; noise drawn
             # from it could be replayed and subtracted.  Seed from OS entropy unless a

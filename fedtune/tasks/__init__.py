@@ -22,6 +22,7 @@ accumulate over several forward passes of the same batch).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Optional, Protocol, Sequence, TypeVar
 
@@ -42,6 +43,16 @@ class TaskBatch(Protocol):
     def to(self, device: torch.device) -> "TaskBatch": ...
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """A task's local optimiser where the config leaves it null (README, "Defaults that learn")."""
+
+    optimizer: str
+    learning_rate: float
+    # A newly initialised head's step size; None: learning_rate (a task without a new head).
+    head_learning_rate: Optional[float] = None
+
+
 ExampleT = TypeVar("ExampleT")
 BatchT = TypeVar("BatchT", bound=TaskBatch)
 
@@ -55,6 +66,8 @@ class Task(ABC, Generic[ExampleT, BatchT]):
     record_formats: ClassVar[tuple[str, ...]]
     # peft's task_type: it decides which head (if any) peft trains and saves with the adapter.
     peft_task_type: ClassVar[str]
+    # The optimiser and step sizes a run of this task uses unless train.* sets them.
+    training_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(optimizer="adam", learning_rate=0.01)
 
     # --- configuration -------------------------------------------------------------------
     @abstractmethod
@@ -140,6 +153,20 @@ def get_task(name: str) -> Task[Any, Any]:
         raise ConfigError("model.task", f"'{name}' is not one of {', '.join(REGISTRY)}",
                           f"Set model.task to one of: {', '.join(REGISTRY)}.")
     return REGISTRY[name]
+
+
+def training_settings(cfg: FedtuneConfig) -> TrainingDefaults:
+    """The optimiser and step sizes of ``cfg``'s rounds: its train.* values, else its task's defaults.
+
+    The server resolves them once and sends concrete numbers in every round config, so
+    the defaults may change between fedtune versions without two parties disagreeing.
+    """
+    defaults, t = get_task(cfg.model.task).training_defaults, cfg.train
+    learning_rate = t.learning_rate if t.learning_rate is not None else defaults.learning_rate
+    head = t.head_learning_rate if t.head_learning_rate is not None else defaults.head_learning_rate
+    return TrainingDefaults(optimizer=t.optimizer if t.optimizer is not None else defaults.optimizer,
+                            learning_rate=learning_rate,
+                            head_learning_rate=head if head is not None else learning_rate)
 
 
 def task_for_format(fmt: str) -> Task[Any, Any]:

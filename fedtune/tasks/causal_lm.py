@@ -25,7 +25,7 @@ from fedtune.data.encoding import Batch, Example, collate
 from fedtune.data.records import DataError, Record, RecordSchema, record_group
 from fedtune.errors import require
 from fedtune.evaluate import EvalResult, eval_batches, perplexity_of
-from fedtune.tasks import Task
+from fedtune.tasks import Task, TrainingDefaults
 
 # A random frozen head with the usual std of 0.02 caps every logit near ±1.3, so no
 # adapter could make the tiny model confident (loss floor ~4.5 nats/byte).  A wider head
@@ -93,6 +93,8 @@ class CausalLM(Task[Example, Batch]):
     name = "causal_lm"
     record_formats = ("auto", "text", "instruction")
     peft_task_type = "CAUSAL_LM"
+    # Adam, as DP fine-tuning of LMs usually is (dp-transformers); not yet tuned on a real LM.
+    training_defaults = TrainingDefaults(optimizer="adam", learning_rate=0.01)
 
     def check_config(self, model: ModelConfig, data: DataConfig) -> None:
         require(data.format in self.record_formats, "data.format", "labelled records need a classification head",
