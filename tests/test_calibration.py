@@ -58,9 +58,9 @@ def test_training_settings_fall_back_to_the_tasks_defaults() -> None:
     assert (lm.optimizer, lm.learning_rate, lm.head_learning_rate) == ("adam", 0.01, 0.01)
     cfg.model.task = "classification"
     classify = training_settings(cfg)
-    assert (classify.optimizer, classify.learning_rate, classify.head_learning_rate) == ("sgd", 0.05, 8.0)
+    assert (classify.optimizer, classify.learning_rate, classify.head_learning_rate) == ("sgd", 0.05, 1.0)
     cfg.train.optimizer, cfg.train.learning_rate = "adam", 0.002
-    assert training_settings(cfg).learning_rate == 0.002 and training_settings(cfg).head_learning_rate == 8.0
+    assert training_settings(cfg).learning_rate == 0.002 and training_settings(cfg).head_learning_rate == 1.0
     cfg.train.head_learning_rate = 0.5
     rc = round_config(cfg, 1, FINGERPRINT)
     assert (rc.optimizer, rc.learning_rate, rc.head_learning_rate) == ("adam", 0.002, 0.5)

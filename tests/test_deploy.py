@@ -28,7 +28,7 @@ from localhost import LocalFederation, free_port
 pytestmark = pytest.mark.slow
 
 # Small rounds: 3 DP-SGD steps on the tiny model; dead sites are given up after 40 s.
-SERVER_ARGS = ("train.local_steps=3", "data.demo_records=1200", "federation.round_timeout_s=40",
+SERVER_ARGS = ("train.local_steps=3", "privacy.sample_rate=0.05", "data.demo_records=1200", "federation.round_timeout_s=40",
                "federation.wait_for_sites_s=90")
 
 

@@ -124,3 +124,24 @@ def test_poisson_sampling_rate() -> None:
     assert sizes.var(ddof=1) == pytest.approx(n * q * (1 - q), rel=0.15)
     # Each record joins each step independently: record 0 in about q of the steps.
     assert sum(0 in b for b in batches) / steps == pytest.approx(q, abs=0.02)
+
+
+@pytest.mark.parametrize("clip,expected", [(1e-9, 1.0), (1e9, 0.0)])
+def test_the_share_of_clipped_records_is_counted(tiny_cfg: FedtuneConfig, clip: float, expected: float) -> None:
+    model, tok, examples = _model_and_batch(tiny_cfg)
+    params = DPSGDParams(noise_multiplier=1.0, max_grad_norm=clip, sample_rate=1.0, steps=2, learning_rate=0.01,
+                         optimizer="sgd")
+    result = train_locally(LM, model, examples, params, tok.pad_token_id, seed=0, noise_seed=0)
+    assert result.records == 2 * len(examples) and result.clipped_fraction == expected
+
+
+def test_the_clipped_share_matches_the_per_record_norms(tiny_cfg: FedtuneConfig) -> None:
+    model, tok, examples = _model_and_batch(tiny_cfg)
+    with DPSGDTrainer(LM, model, _params(0.0, 1e6), num_records=len(examples)) as trainer:
+        grads = trainer.per_record_gradients(LM.collate(examples, tok.pad_token_id))
+    norms = torch.sqrt(sum((g.flatten(1) ** 2).sum(1) for g in grads.values()))
+    clip = float(norms.median())
+    params = DPSGDParams(noise_multiplier=1.0, max_grad_norm=clip, sample_rate=1.0, steps=1, learning_rate=0.0001,
+                         optimizer="sgd")
+    result = train_locally(LM, model, examples, params, tok.pad_token_id, seed=0, noise_seed=0)
+    assert result.clipped_records == int((norms > clip).sum()) and 0 < result.clipped_records < len(examples)

@@ -238,8 +238,10 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     if delta_norm == 0.0:
         # Opacus issue #820: a model moved after hooks were attached trains nothing.
         raise RuntimeError(f"{site.name}: the adapter delta is exactly zero; the LoRA parameters were not updated")
-    log.info("%s round %d: %d steps (%d empty), loss %.4f, |Δ| %.4f, ε %.3f", site.name, rc.round,
-             result.steps, result.empty_batches, result.mean_loss, delta_norm, epsilon_now)
+    # Local only: the clipped share is computed from un-noised gradients and never sent.
+    log.info("%s round %d: %d steps (%d empty), loss %.4f, |Δ| %.4f, %.0f%% of records clipped, ε %.3f",
+             site.name, rc.round, result.steps, result.empty_batches, result.mean_loss, delta_norm,
+             100 * result.clipped_fraction, epsilon_now)
     metrics = {
         "train_loss": float(result.mean_loss) if math.isfinite(result.mean_loss) else -1.0,
         "epsilon": float(epsilon_now) if math.isfinite(epsilon_now) else -1.0,

@@ -62,6 +62,15 @@ class LocalTrainResult:
     steps: int
     mean_loss: float
     empty_batches: int
+    # Records sampled over all steps, and how many of them had a gradient norm above C.
+    # Computed from un-noised gradients: the site logs them, and never sends them.
+    records: int = 0
+    clipped_records: int = 0
+
+    @property
+    def clipped_fraction(self) -> float:
+        """The share of sampled records whose gradient clipping shortened (NaN without any record)."""
+        return self.clipped_records / self.records if self.records else math.nan
 
 
 def _base_optimizer(model: torch.nn.Module, params: DPSGDParams) -> torch.optim.Optimizer:
@@ -106,6 +115,8 @@ class DPSGDTrainer:
         self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self.expected_batch_size = max(1, int(round(params.sample_rate * num_records)))
         self._hooks: Optional[GradSampleHooks] = None
+        self.records = 0
+        self.clipped_records = 0
         base = _base_optimizer(model, params)
         if params.private:
             # torch's default generator starts from a fixed, public seed; noise drawn
@@ -150,7 +161,24 @@ class DPSGDTrainer:
         losses.mean().backward()
         if self.params.private:
             zero_non_finite_records(self.trainable)
+            self._count_clipped()
         return float(losses.detach().mean())
+
+    def _count_clipped(self) -> None:
+        """Tally the records whose per-record gradient norm exceeds C (what Opacus will clip).
+
+        How often clipping bites says whether C suits the model: nearly always means the
+        update's direction survives but its size is C's, never means C could be smaller
+        and the noise with it.  Opacus' grad samples are each record's own gradient
+        (its hooks undo the mean's 1/B), the norms its clipping computes.
+        """
+        samples = [p.grad_sample for p in self.trainable if isinstance(getattr(p, "grad_sample", None), torch.Tensor)]
+        if not samples or samples[0].shape[0] == 0:
+            return
+        squared = sum((g.reshape(g.shape[0], -1).float() ** 2).sum(dim=1) for g in samples)
+        norms = torch.sqrt(squared)
+        self.records += int(norms.shape[0])
+        self.clipped_records += int((norms > self.params.max_grad_norm).sum())
 
     def per_record_gradients(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """Unclipped per-record gradients [B, ...] of each trainable tensor (no step)."""
@@ -221,4 +249,5 @@ def train_locally(task: Task[Any, Any], model: torch.nn.Module, examples: Sequen
             else:
                 empty += 1
     mean_loss = float(sum(losses) / len(losses)) if losses else math.nan
-    return LocalTrainResult(steps=params.steps, mean_loss=mean_loss, empty_batches=empty)
+    return LocalTrainResult(steps=params.steps, mean_loss=mean_loss, empty_batches=empty,
+                            records=trainer.records, clipped_records=trainer.clipped_records)
