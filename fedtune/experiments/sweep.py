@@ -110,8 +110,7 @@ def expand_grid(epsilons: Sequence[float], partitions: Sequence[str], strategies
     return settings
 
 
-def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path,
-               noise_cache: Optional[dict[tuple, float]] = None) -> FedtuneConfig:
+def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path) -> FedtuneConfig:
     """The complete configuration of one run of the grid."""
     cfg = copy.deepcopy(base)
     cfg.run_dir = str(run_dir)
@@ -130,15 +129,9 @@ def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path,
         cfg.privacy.noise_multiplier = 0.0
     else:
         p = cfg.privacy
-        key = (setting.epsilon, p.delta, p.sample_rate, cfg.federation.num_rounds, cfg.train.local_steps,
-               p.accountant)
-        if noise_cache is not None and key in noise_cache:
-            sigma = noise_cache[key]
-        else:
-            sigma = calibrate_noise(setting.epsilon, p.delta, p.sample_rate, cfg.federation.num_rounds,
-                                    cfg.train.local_steps, p.accountant)
-            if noise_cache is not None:
-                noise_cache[key] = sigma
+        # calibrate_noise is memoised, so a grid's runs that share a schedule search once.
+        sigma = calibrate_noise(setting.epsilon, p.delta, p.sample_rate, cfg.federation.num_rounds,
+                                cfg.train.local_steps, p.accountant)
         p.enabled = True
         p.noise_multiplier = sigma
         p.target_epsilon = setting.epsilon
@@ -232,11 +225,10 @@ def load_result(run_dir: Path, cfg: FedtuneConfig) -> Optional[dict[str, Any]]:
 
 def plan_runs(settings: Sequence[Setting], base: FedtuneConfig, out_dir: Path) -> list[tuple[Setting, FedtuneConfig]]:
     """Every run's complete configuration, all validated (with their data) before any training."""
-    noise_cache: dict[tuple, float] = {}
     plans = []
     for setting in settings:
         try:
-            cfg = config_for(setting, base, out_dir / "runs" / setting.key, noise_cache)
+            cfg = config_for(setting, base, out_dir / "runs" / setting.key)
         except ValueError as exc:  # Opacus: "The privacy budget is too low."
             raise ConfigError("--epsilons", f"no noise level reaches ε={setting.epsilon:g} ({exc})",
                               "Use a larger ε, fewer rounds or local steps, or a smaller privacy.sample_rate.") \
