@@ -91,6 +91,10 @@ class ModelConfig:
     dtype: str = "float32"
     # model.task=classification over a pretrained encoder: what its head reads (POOLINGS).
     pooling: str = "auto"
+    # Recompute each layer's activations in the backward pass instead of keeping them:
+    # activation memory falls from one copy per layer to about one layer's, for roughly one
+    # more forward pass of time.  The gradients are the same (fedtune.models.enable_gradient_checkpointing).
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -314,7 +314,49 @@ def build_fingerprinted_model(cfg: ModelConfig) -> FingerprintedModel:
     model, tokenizer = load_base_model(cfg)
     fingerprint = base_fingerprint(model, tokenizer)
     lora = attach_lora(model, cfg.lora, seed=cfg.seed, task_type=get_task(cfg.task).peft_task_type)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(lora)
     return FingerprintedModel(lora, tokenizer, fingerprint)
+
+
+def _checkpointable_models(model: torch.nn.Module) -> list[PreTrainedModel]:
+    """The outermost Hugging Face models inside ``model`` (the encoder under a PooledClassifier)."""
+    found: list[PreTrainedModel] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        if isinstance(module, PreTrainedModel):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model.get_base_model() if isinstance(model, PeftModel) else model)
+    return found
+
+
+def enable_gradient_checkpointing(model: PeftModel) -> None:
+    """Checkpoint every layer in the *reentrant* mode, the one Opacus' hooks survive.
+
+    Opacus records each LoRA layer's input in a forward hook and pops it in the backward
+    hook.  transformers' default, non-reentrant checkpointing runs the layer's forward
+    twice with gradients on (once in the forward pass, again when the backward pass
+    recomputes it), so every hook fires twice: a stale input is left behind on every
+    layer, and on the next batch Opacus sizes the per-record gradients from it or finds
+    none (measured: ``grad_sample`` is None after one step).  The reentrant mode runs the
+    first forward under ``no_grad``, when Opacus records nothing, so each layer's input is
+    recorded exactly once, by the recomputation, just before its backward hook reads it;
+    tests/test_gradient_checkpointing.py checks the per-record gradients equal those without it.
+    (Reentrant checkpointing propagates gradients only through inputs that require them;
+    transformers marks the frozen embeddings' output so for models that read ``input_ids``.)
+    """
+    targets = _checkpointable_models(model)
+    unsupported = [type(m).__name__ for m in targets if not m.supports_gradient_checkpointing]
+    if not targets or unsupported:
+        raise ConfigError("model.gradient_checkpointing",
+                          f"{', '.join(unsupported) or type(model).__name__} does not support gradient checkpointing",
+                          "Set model.gradient_checkpointing=false for this model.")
+    for target in targets:
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
 
 
 def base_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -178,6 +178,7 @@ ledger_path: ledger.sqlite         # your privacy ledger: keep it (and back it u
 model_path: null                   # your copy of the federation's base model; null: the built-in tiny model
 model_gguf_file: null              # a GGUF checkpoint inside model_path (converted once, cached); null: none
 model_cache_dir: null              # where converted GGUF weights are kept; null: ~/.cache/fedtune/gguf
+model_gradient_checkpointing: false  # recompute activations in backward: less memory, same gradients
 policy:                            # the rounds you accept, whatever the server asks
   min_noise_multiplier: 0.3        # least DP-SGD noise σ
   max_sample_rate: 0.5             # largest Poisson sampling rate q

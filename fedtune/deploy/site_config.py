@@ -75,6 +75,9 @@ class SiteConfig:
     # is a Hugging Face directory.
     model_gguf_file: Optional[str] = None
     model_cache_dir: Optional[str] = None
+    # Recompute activations in the backward pass (less memory, same gradients): a local
+    # choice, whatever the server's run config says.
+    model_gradient_checkpointing: bool = False
     device: str = "cpu"
     torch_threads: int = 1
     # The SuperNode's local Runtime API, where this site's executor fetches tasks.
