@@ -354,3 +354,15 @@ def test_a_site_names_its_own_gguf_copy_and_takes_the_runs_dtype(fed_dir: Path, 
         assert err.value.field == "model_gguf_file", override
     with pytest.raises(ConfigError, match="model_path is null"):
         load_site_config(site_yaml, ["model_gguf_file=tiny.gguf"])
+
+
+def test_gradient_checkpointing_is_the_sites_own_choice(fed_dir: Path, tmp_path: Path) -> None:
+    """A memory/time trade-off of the site's machine: site.yaml decides, the server's run config cannot."""
+    paths, fed = load_federation(fed_dir)
+    write_demo_data(paths, fed, demo_records=200)
+    site_yaml = _install_kit(paths, "hosp-c", tmp_path / "homes" / "hosp-c")
+    server_cfg = from_dict({"model": {"gradient_checkpointing": True}})
+    assert not site_run_config(json.dumps(to_dict(server_cfg)), load_site_config(site_yaml)).model.gradient_checkpointing
+    site = load_site_config(site_yaml, ["model_gradient_checkpointing=true"])
+    server_cfg.model.gradient_checkpointing = False
+    assert site_run_config(json.dumps(to_dict(server_cfg)), site).model.gradient_checkpointing
