@@ -143,8 +143,10 @@ def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-de
     from omegaconf import OmegaConf
 
     from fedtune.simulation import check_config, describe_run, simulate
+    from fedtune.tasks import resolve_format
 
     cfg: FedtuneConfig = OmegaConf.to_object(raw_cfg)  # type: ignore[assignment]
+    resolve_format(cfg)  # model.task=dpo alone reads preference pairs
     logging.getLogger("fedtune").setLevel(cfg.log_level)
     _resolve_run_dir(cfg)
     cfg.run_dir = str(Path(str(cfg.run_dir)).resolve())

@@ -25,8 +25,8 @@ ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
 # The registries are fedtune.tasks (tasks and the record formats they read) and
 # fedtune.strategies; this leaf cannot import them, so tests keep these names equal to theirs.
-DATA_FORMATS = ("auto", "text", "instruction", "labelled")
-TASKS = ("causal_lm", "classification")
+DATA_FORMATS = ("auto", "text", "instruction", "labelled", "preference")
+TASKS = ("causal_lm", "classification", "dpo")
 STRATEGIES = ("fedavg", "ffa")
 # fedtune.server_optimizers' registry, each with the federation.server_* fields it reads; a test
 # keeps this table equal to the classes' own, so a field the chosen optimiser ignores is refused.
@@ -76,7 +76,8 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     # causal_lm: fine-tune the LM on text; classification: a sequence-classification head
-    # (trained with the adapter) over labelled records (data.format=labelled).
+    # (trained with the adapter) over labelled records (data.format=labelled); dpo: preference
+    # pairs (data.format=preference), DPO against the frozen starting policy.
     task: str = "causal_lm"
     num_labels: int = 2
     # A GGUF checkpoint inside model.path (a file name, not a path): it is dequantised once

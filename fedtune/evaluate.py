@@ -8,7 +8,7 @@ are fixed here because metrics.jsonl and the experiment tables are keyed by them
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
@@ -22,8 +22,12 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
-    # Share of records whose most likely class is their label (classification only).
+    # Share of records whose most likely class is their label (classification), or of pairs
+    # whose implicit reward prefers the chosen answer (dpo).
     accuracy: Optional[float] = None
+    # A task's further held-out metrics, written to metrics.jsonl as eval_<name> (dpo: margin,
+    # chosen_loss); the fixed names above stay what every table and plot reads.
+    task_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def perplexity_of(loss: float) -> float:

@@ -17,16 +17,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from fedtune.checkpoint import atomic_write_text
 from fedtune.apps import make_client_app, make_server_app
-from fedtune.config import FedtuneConfig
+from fedtune.config import FedtuneConfig, ModelConfig
 from fedtune.data import load_federated_data
 from fedtune.errors import require
 from fedtune.federation.server import ServerSummary
 from fedtune.privacy.calibration import noise_multiplier
+from fedtune.tasks import get_task
 from fedtune.validation import validate, validate_against_data
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,24 @@ def check_config(cfg: FedtuneConfig) -> None:
 
 
 def check_data(cfg: FedtuneConfig) -> None:
-    """Load and partition the data once, before Ray starts, to fail fast on bad input."""
+    """Load and partition the data once, before Ray starts, to fail fast on bad input.
+
+    A record the task cannot encode within data.max_length (a preference pair whose prompt
+    fills the window) is an error naming its line here, never a failed round after a charge.
+    """
     data = load_federated_data(cfg.data, cfg.federation.num_sites)
     validate_against_data(cfg, [len(s) for s in data.site_indices], data.num_train_records)
+    get_task(cfg.model.task).check_encodable(data.records, lambda: run_tokenizer(cfg.model), cfg.data.max_length)
+
+
+def run_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer alone (the built-in byte tokenizer, or the model directory's)."""
+    from transformers import AutoTokenizer
+
+    from fedtune.models import build_tokenizer, resolve_model_dir
+
+    source = resolve_model_dir(cfg)
+    return build_tokenizer() if source is None else AutoTokenizer.from_pretrained(source)
 
 
 def write_resolved_config(cfg: FedtuneConfig, run_dir: Path) -> None:

@@ -36,7 +36,9 @@ def run_inprocess(cfg: FedtuneConfig) -> ServerSummary:
     from fedtune.apps import make_client_app
     from fedtune.federation.server import run_server
     from fedtune.simulation import check_data, write_resolved_config
+    from fedtune.tasks import resolve_format
 
+    resolve_format(cfg)
     validate(cfg)
     check_data(cfg)
     run_dir = Path(cfg.run_dir or "runs/default").resolve()

@@ -54,7 +54,8 @@ def complete_row(row: dict[str, Any], result: Optional[EvalResult], eval_seconds
     no ``eval_*`` metrics at all, rather than made-up ones.
     """
     metrics = ({} if result is None else
-               {"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy})
+               {"eval_loss": result.loss, "eval_perplexity": result.perplexity, "eval_accuracy": result.accuracy,
+                **{f"eval_{name}": value for name, value in result.task_metrics.items()}})
     return {**row, **metrics, "round_seconds": round_seconds,
             "aggregation_seconds": row.get("aggregation_seconds", 0.0), "eval_seconds": eval_seconds}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Optional, Protocol, Sequence, TypeVar
 
 import torch
 from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -99,6 +99,16 @@ class Task(ABC, Generic[ExampleT, BatchT]):
         """
         return None
 
+    def check_encodable(self, records: Sequence[Record], tokenizer: Callable[[], PreTrainedTokenizerBase],
+                        max_length: int) -> None:
+        """Raise DataError, naming the line, for a record this task cannot encode in ``max_length`` tokens.
+
+        Run where the data is loaded, before any work (a simulation's ``check_data``), so a
+        record that cannot be encoded never fails a round after its charge.  ``tokenizer``
+        loads the run's tokenizer when called; the default (a task that truncates any
+        record to fit) never calls it.
+        """
+
     def canary_fields(self, count: int, model: ModelConfig, data: DataConfig, seed: int) -> list[dict[str, Any]]:
         """Fields a privacy-audit canary needs besides its text, one dict per canary (a class, say)."""
         return [{} for _ in range(count)]
@@ -143,8 +153,9 @@ class Task(ABC, Generic[ExampleT, BatchT]):
 
 from fedtune.tasks.causal_lm import CausalLM  # noqa: E402 - the tasks subclass Task, defined above
 from fedtune.tasks.classification import Classification  # noqa: E402
+from fedtune.tasks.dpo import DPO  # noqa: E402
 
-REGISTRY: dict[str, Task[Any, Any]] = {task.name: task for task in (CausalLM(), Classification())}
+REGISTRY: dict[str, Task[Any, Any]] = {task.name: task for task in (CausalLM(), Classification(), DPO())}
 
 
 def get_task(name: str) -> Task[Any, Any]:
@@ -167,6 +178,16 @@ def training_settings(cfg: FedtuneConfig) -> TrainingDefaults:
     return TrainingDefaults(optimizer=t.optimizer if t.optimizer is not None else defaults.optimizer,
                             learning_rate=learning_rate,
                             head_learning_rate=head if head is not None else learning_rate)
+
+
+def resolve_format(cfg: FedtuneConfig) -> None:
+    """data.format=auto becomes the run's task's own default format (a classifier's: labelled; DPO's: preference).
+
+    Records are read by the task that owns their format, so ``model.task=dpo`` alone must
+    select preference records; for causal_lm, auto stays auto (text or instruction per line).
+    """
+    if cfg.data.format == "auto":
+        cfg.data.format = get_task(cfg.model.task).record_formats[0] if cfg.model.task in REGISTRY else "auto"
 
 
 def task_for_format(fmt: str) -> Task[Any, Any]:

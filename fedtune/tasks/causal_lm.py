@@ -87,6 +87,24 @@ def chat_turns(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list
     return prompt_ids, full_ids[len(prompt_ids):]
 
 
+def prompt_response_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a record, special tokens placed; the response is the target.
+
+    An instruction record for a tokenizer with a chat template (an instruct model) is one
+    user turn and one assistant turn of that template, the form the model was tuned on;
+    otherwise BOS, prompt, then response, EOS.  Preference pairs (fedtune.tasks.dpo) encode
+    each answer the same way.
+    """
+    if record.prompt and uses_chat_template(tokenizer):
+        return chat_turns(record, tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + (tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else [])
+    response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, list(response_ids)
+
+
 class CausalLM(Task[Example, Batch]):
     """Fine-tune the LM itself; held-out loss is nats per target token, with its perplexity."""
 
@@ -122,20 +140,8 @@ class CausalLM(Task[Example, Batch]):
         return built
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
-        """Prompt and response; only the response (with its end token) is a target.
-
-        An instruction record for a tokenizer with a chat template (an instruct model) is
-        formatted as one user turn and one assistant turn of that template, the form the
-        model was tuned on; otherwise BOS, prompt, response, EOS.
-        """
-        if record.prompt and uses_chat_template(tokenizer):
-            prompt_ids, response_ids = chat_turns(record, tokenizer)
-        else:
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            prompt_ids = bos + (tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else [])
-            response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                response_ids = response_ids + [tokenizer.eos_token_id]
+        """Prompt and response (:func:`prompt_response_ids`); only the response (with its end token) is a target."""
+        prompt_ids, response_ids = prompt_response_ids(record, tokenizer)
         full = prompt_ids + response_ids
         full_mask = [0] * len(prompt_ids) + [1] * len(response_ids)
         ids, mask = full[:max_length], full_mask[:max_length]
