@@ -139,10 +139,9 @@ class SiteRecords:
             if key != self.key:
                 self.key, self.value = key, load_federated_data(config.data, config.federation.num_sites)
             return site.site_records(context, self.value)  # type: ignore[arg-type]
-        from fedtune.deploy.site_data import load_site_records
+        from fedtune.deploy.site_data import data_files, load_site_records
 
-        path = self.deployed.resolve(self.deployed.data.path)
-        key = (str(path), path.stat().st_mtime_ns)
+        key = tuple((str(path), path.stat().st_mtime_ns) for path in data_files(self.deployed))
         if key != self.key:
             self.key, self.value = key, load_site_records(self.deployed)
         return self.value  # type: ignore[return-value]
@@ -171,7 +170,7 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
             config = config_from_context(context, cfg)
             return site.site_settings(context, config, run_dir_of(config)), config
         from fedtune.deploy.run_config import site_run_config
-        from fedtune.deploy.site_data import site_num_labels
+        from fedtune.deploy.site_data import cohort_budgets, site_num_labels
 
         config = site_run_config(str(context.run_config.get(RUN_CONFIG_KEY, "") or ""), deployed)
         budget = deployed.budget
@@ -180,7 +179,8 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
                                      accountant=budget.accountant, require_privacy=budget.require_privacy,
                                      device=deployed.device, policy=deployed.policy, accept_seed=False,
                                      num_labels=site_num_labels(deployed),
-                                     identity=identity.get() if identity is not None else None)
+                                     identity=identity.get() if identity is not None else None,
+                                     cohorts=cohort_budgets(deployed))
         return settings, config
 
     @app.query()

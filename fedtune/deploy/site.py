@@ -30,7 +30,7 @@ from fedtune import __version__
 from fedtune.deploy import pki, processes
 from fedtune.deploy.executor import AppPin, SiteExecutor
 from fedtune.deploy.site_config import SiteConfig
-from fedtune.deploy.site_data import load_site_records
+from fedtune.deploy.site_data import data_files, load_site_records
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> 
     # now, before the site can be asked for a round: see fedtune.deploy.site_data.
     records = load_site_records(site)
     pin = app_pin(site)
-    log.info("site %s: budget ε=%g δ=%g, ledger %s, data %s (%d records); runs only %s==%s", site.site_id,
-             site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path), site.resolve(site.data.path),
-             len(records), pin.fab_id, pin.version)
+    log.info("site %s: budget ε=%g δ=%g, ledger %s, data %s (%d records, %d cohorts); runs only %s==%s",
+             site.site_id, site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path),
+             ", ".join(map(str, data_files(site))), len(records), len(site.data.cohorts), pin.fab_id, pin.version)
     executor = SiteExecutor(f"127.0.0.1:{site.runtime_port}", make_client_app(deployed=site), pin,
                             auth_secret=auth_secret, idle_poll_s=site.poll_interval_s)
     stop = stop_event or threading.Event()

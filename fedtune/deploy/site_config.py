@@ -21,8 +21,49 @@ from fedtune.privacy.policy import SitePolicy, validate_policy
 
 
 @dataclass
+class CohortSource:
+    """One cohort of the site's data: a JSONL file of records that arrived together.
+
+    Each cohort has its own (ε, δ) budget (null: the site's ``budget``) and retires when it
+    is spent; see fedtune.privacy.cohorts.  Its name is its ledger key: renaming a cohort
+    gives it a fresh budget, so names are for the site to keep stable.
+    """
+
+    name: str = ""
+    path: str = ""
+    epsilon: Optional[float] = None
+    delta: Optional[float] = None
+    # When its records were collected, e.g. "2026-01" (disclosed only if manifest.disclose has "cohorts").
+    period: Optional[str] = None
+
+
+# What a site may disclose of its data in adapter records: its manifest's fields, and per
+# cohort its name, period, record count and commitment (``cohorts``).
+MANIFEST_FIELDS = ("name", "licence", "provenance", "period", "deidentification")
+DISCLOSABLE = (*MANIFEST_FIELDS, "cohorts")
+
+
+@dataclass
+class DataManifest:
+    """The site's description of its data source, for the transparency record (fedtune.transparency).
+
+    Nothing of it is sent unless named in ``disclose``.
+    """
+
+    name: Optional[str] = None
+    licence: Optional[str] = None
+    provenance: Optional[str] = None
+    period: Optional[str] = None
+    deidentification: Optional[str] = None
+    disclose: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SiteData:
+    # The site's records, when it declares no cohorts (not read when it does).
     path: str = "data.jsonl"
+    # The site's data as a sequence of cohorts, oldest first; empty: ``path`` is the whole site.
+    cohorts: list[CohortSource] = field(default_factory=list)
     format: str = "auto"
     group_field: Optional[str] = "source"
     # Labelled records (classification): the label field, and the site's own classes, as
@@ -89,6 +130,11 @@ class SiteConfig:
     app: SiteApp = field(default_factory=SiteApp)
     # What rounds this site accepts, whatever the server asks (fedtune.privacy.policy).
     policy: SitePolicy = field(default_factory=SitePolicy)
+    # Its data source's description, disclosed field by field (fedtune.transparency).
+    manifest: DataManifest = field(default_factory=DataManifest)
+    # The site's own key for its cohorts' HMAC-SHA256 commitments (created 0600 if absent;
+    # never sent: an auditor shown it can check which data the site used).
+    commitment_key: str = "state/commitment.key"
 
     # Set by load_site_config: relative paths above are resolved against it.
     base_dir: Optional[str] = None
@@ -148,8 +194,11 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
     if site.data.num_labels is not None:
         require(site.data.num_labels >= 2, "data.num_labels", f"{site.data.num_labels} < 2",
                 "Give the number of classes of your labelled data, e.g. 2.")
+    _validate_cohorts(site, check_files)
+    _validate_manifest(site.manifest)
     if check_files:
-        for name, value in (("data.path", site.data.path), ("root_certificates", site.root_certificates),
+        data_files = () if site.data.cohorts else (("data.path", site.data.path),)
+        for name, value in (*data_files, ("root_certificates", site.root_certificates),
                             ("auth_private_key", site.auth_private_key)):
             require(site.resolve(value).is_file(), name, f"file {site.resolve(value)} does not exist",
                      "Fix the path in site.yaml (relative paths are relative to site.yaml).")
@@ -158,6 +207,43 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
                      f"directory {site.resolve(site.model_path)} does not exist",
                      "Point model_path at the local copy of the federation's base model.")
         _check_gguf(site)
+
+
+def _validate_cohorts(site: SiteConfig, check_files: bool) -> None:
+    """Cohort names are unique ids, budgets are budgets, and (with check_files) each file exists."""
+    seen: set[str] = set()
+    for i, cohort in enumerate(site.data.cohorts):
+        where = f"data.cohorts[{i}]"
+        require(is_site_id(cohort.name), f"{where}.name", f"{cohort.name!r} is not a name of ASCII letters, digits, "
+                "'-', '_', '.' (at most 64)", "Name each cohort, e.g. 2026-01.")
+        require(cohort.name not in seen, f"{where}.name", f"{cohort.name!r} names two cohorts",
+                "Give every cohort its own name: it is the cohort's key in the ledger.")
+        seen.add(cohort.name)
+        require(bool(cohort.path), f"{where}.path", "is empty",
+                "Give the cohort's JSONL file, e.g. cohorts/2026-01.jsonl.")
+        if cohort.epsilon is not None:
+            require(math.isfinite(cohort.epsilon) and cohort.epsilon > 0, f"{where}.epsilon",
+                    f"{cohort.epsilon} is not a positive budget",
+                    "Use a positive ε such as 4, or null for budget.epsilon.")
+        if cohort.delta is not None:
+            require(0 < cohort.delta < 1, f"{where}.delta", f"{cohort.delta} is not in (0, 1)",
+                    "Use a δ below 1/(the cohort's records), or null for budget.delta.")
+        if check_files:
+            require(site.resolve(cohort.path).is_file(), f"{where}.path", f"file {site.resolve(cohort.path)} does "
+                    "not exist", "Fix the path in site.yaml (relative paths are relative to site.yaml).")
+
+
+def _validate_manifest(manifest: DataManifest) -> None:
+    for name in manifest.disclose:
+        require(name in DISCLOSABLE, "manifest.disclose", f"{name!r} is not a disclosable field",
+                f"Use any of {', '.join(DISCLOSABLE)}.")
+    for name in MANIFEST_FIELDS:
+        value = getattr(manifest, name)
+        require(value is None or len(value) <= 500, f"manifest.{name}", "is longer than 500 characters",
+                "Describe the source in a sentence or two.")
+        require(name not in manifest.disclose or value is not None, f"manifest.{name}",
+                "is disclosed (manifest.disclose) but not set",
+                f"Set manifest.{name}, or drop it from manifest.disclose.")
 
 
 def _check_gguf(site: SiteConfig) -> None:

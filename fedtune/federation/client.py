@@ -5,6 +5,11 @@ against the protocol and the site's own policy, model and data (a failure is a r
 with a fixed code, and costs nothing); then the ledger check and the durable charge
 happen *before* training, so no update can leave a site without its cost being on disk
 first, whatever crashes afterwards.
+
+A site whose data is a sequence of cohorts (``data.cohorts`` in site.yaml) checks and
+charges each cohort against its own budget and samples only from the cohorts that can
+afford the round; the others are retired (:mod:`fedtune.privacy.cohorts`).  A site with no
+active cohort refuses with the budget code.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,9 +29,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedtune import adapters
 from fedtune.config import FedtuneConfig
 from fedtune.data import FederatedData, Record
+from fedtune.data.cohorts import CohortedRecords, cohorted
 from fedtune.federation import protocol
 from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainable, site_model
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
+from fedtune.privacy.cohorts import CohortBudget, cohort_epsilons, decide_cohorts
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
 from fedtune.secagg.signing import Identity, simulated_identity
@@ -61,6 +68,14 @@ class SiteSettings:
     # Its signing key and the enrolled roster (secure aggregation against an active server);
     # None: no valid roster, so every secure-aggregation stage is refused.
     identity: Optional[Identity] = None
+    # The site's cohorts with their own budgets (site.yaml data.cohorts); empty: the whole
+    # site is one budget, every ledger row counts.
+    cohorts: tuple[CohortBudget, ...] = ()
+
+
+TrainingData = Union[CohortedRecords, Sequence[Record]]
+# The whole site, for a site without cohorts: its ledger rows name no cohort.
+WHOLE_SITE: tuple[Optional[str], ...] = (None,)
 
 
 def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSettings:
@@ -104,6 +119,9 @@ def describe(msg: Message, site: SiteSettings) -> Message:
         "budget_epsilon": float(site.budget_epsilon),
         "delta": float(site.delta),
         "require_privacy": site.require_privacy,
+        # Its cohorts each hold their own budget: the server's whole-site ε is then an upper
+        # bound on every record's, and the site alone decides when it is spent.
+        "per_cohort_budget": bool(site.cohorts),
     })
     return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
 
@@ -119,19 +137,28 @@ def read_round_config(msg: Message) -> protocol.RoundConfig:
     return protocol.RoundConfig.from_record(msg.content.config_records.get(protocol.ROUND_CONFIG))
 
 
-def check_budget(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLedger) -> None:
-    """Raise Refusal if this round would take the site past its budget.
+def check_budget(rc: protocol.RoundConfig, site: SiteSettings, ledger: PrivacyLedger) -> tuple[Optional[str], ...]:
+    """The cohorts this round may sample from; raise Refusal if none can afford it.
 
-    The check covers every row of the site's ledger file, whatever site name it was
-    charged under: renaming a site must not give it a fresh budget.
+    Without cohorts the check covers every row of the site's ledger file, whatever site
+    name it was charged under: renaming a site must not give it a fresh budget.  With
+    cohorts each is checked against its own budget over its own rows (and whole-site rows).
     """
     if not site.require_privacy:
-        return
+        return tuple(c.name for c in site.cohorts) or WHOLE_SITE
+    if site.cohorts:
+        decision = decide_cohorts(site.cohorts, rc.charge(), ledger, site.accountant)
+        if not decision.active:
+            raise protocol.Refusal(protocol.REFUSED_BUDGET, (
+                f"{site.name}: round {rc.round} would take every cohort past its budget "
+                f"({', '.join(f'{n} ε {e:.3f}' for n, e in decision.epsilon_after.items())})"))
+        return decision.active
     decision = ledger.check(None, rc.charge(), site.budget_epsilon, site.delta)
     if not decision.allowed:
         raise protocol.Refusal(protocol.REFUSED_BUDGET, (
             f"{site.name}: round {rc.round} would raise ε from {decision.epsilon_before:.3f} to "
             f"{decision.epsilon_after:.3f}, past the budget ε={site.budget_epsilon:g} (δ={site.delta:g})"))
+    return WHOLE_SITE
 
 
 @dataclass
@@ -142,28 +169,35 @@ class PreparedRound:
     built: FingerprintedModel
     global_state: adapters.State
     ledger: PrivacyLedger
+    # The cohorts this round samples from and charges (WHOLE_SITE without cohorts), and their records.
+    cohorts: tuple[Optional[str], ...]
+    records: list[Record]
 
 
 def check_round_message(msg: Message, site: SiteSettings, cfg: FedtuneConfig, secure: bool
-                        ) -> tuple[protocol.RoundConfig, PrivacyLedger]:
-    """Everything checkable before the adapter arrives: config, policy, seed, budget."""
+                        ) -> tuple[protocol.RoundConfig, PrivacyLedger, tuple[Optional[str], ...]]:
+    """Everything checkable before the adapter arrives: config, policy, seed, budget.
+
+    Returns the round config, the ledger and the cohorts that can afford the round.
+    """
     rc = read_round_config(msg)
     check_round(rc, site.policy, site.require_privacy, secure)
     if cfg.train.seed is not None and not site.accept_seed:
         raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, "the run sets train.seed; this site draws its noise "
                                "and sampling from OS entropy only")
     ledger = PrivacyLedger(site.ledger_path, accountant=site.accountant)
-    check_budget(rc, site, ledger)
-    return rc, ledger
+    active = check_budget(rc, site, ledger)
+    return rc, ledger, active
 
 
-def prepare_round(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record], secure: bool,
+def prepare_round(msg: Message, site: SiteSettings, cfg: FedtuneConfig, data: TrainingData, secure: bool,
                   max_weight: Optional[int] = None) -> PreparedRound:
     """Validate the whole train message against the site's policy, model, data and budget.
 
-    Raises Refusal; nothing is charged and nothing is trained before this returns.
+    Raises Refusal; nothing is charged and nothing is trained before this returns.  The
+    records of the round are those of the cohorts that can afford it.
     """
-    rc, ledger = check_round_message(msg, site, cfg, secure)
+    rc, ledger, active = check_round_message(msg, site, cfg, secure)
     built = site_model(cfg.model)
     check_base_model(rc, built.fingerprint, site.policy)
     names = lora_parameter_names(built.model)
@@ -176,8 +210,12 @@ def prepare_round(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records:
                                                         spec, site.policy.max_adapter_value)
     except Exception as exc:  # noqa: BLE001 - any malformed adapter is the same refusal
         raise protocol.Refusal(protocol.REFUSED_INVALID_MESSAGE, f"global adapter: {str(exc)[:200]}") from None
+    data = cohorted(data)
+    # Only cohorts that hold records are sampled and charged (a declared cohort may not have arrived).
+    active = tuple(c for c in active if c in set(data.cohorts))
+    records = data.select(active)
     check_site_data(records, cfg, site, max_weight)
-    return PreparedRound(rc, built, global_state, ledger)
+    return PreparedRound(rc, built, global_state, ledger, active, records)
 
 
 def check_site_data(records: list[Record], cfg: FedtuneConfig, site: SiteSettings, max_weight: Optional[int]) -> None:
@@ -199,14 +237,21 @@ def check_site_data(records: list[Record], cfg: FedtuneConfig, site: SiteSetting
         raise protocol.Refusal(protocol.REFUSED_RUN_CONFIG, problem)
 
 
-def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig,
-                 records: list[Record]) -> tuple[dict, float, dict]:
+def spent_epsilon(prepared: PreparedRound, site: SiteSettings) -> float:
+    """The site's ε after the round's charge: the largest of its active cohorts', or its own."""
+    if prepared.cohorts == WHOLE_SITE:
+        return prepared.ledger.epsilon(None, site.delta)
+    active = [c for c in site.cohorts if c.name in set(prepared.cohorts)]
+    return max(cohort_epsilons(active, prepared.ledger, site.accountant).values())
+
+
+def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig) -> tuple[dict, float, dict]:
     """Charge durably, then train; returns (Δ over the aggregated tensors, weight n, metrics)."""
     started = time.perf_counter()
-    rc, ledger = prepared.rc, prepared.ledger
-    # Charge first, durably: from here on the update may leave this site.
-    ledger.charge(site.name, rc.charge())
-    epsilon_now = ledger.epsilon(None, site.delta)
+    rc, ledger, records = prepared.rc, prepared.ledger, prepared.records
+    # Charge first, durably, every cohort sampled from: from here on the update may leave this site.
+    ledger.charge(site.name, rc.charge(), prepared.cohorts)
+    epsilon_now = spent_epsilon(prepared, site)
 
     torch.set_num_threads(cfg.train.torch_threads)
     model, tokenizer = prepared.built.model, prepared.built.tokenizer
@@ -251,13 +296,13 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
     return delta, float(len(records)), metrics
 
 
-def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, records: list[Record]) -> Message:
+def train(msg: Message, site: SiteSettings, cfg: FedtuneConfig, data: TrainingData) -> Message:
     """Handle one plain ``train`` message: refuse, or charge, train and return n·Δ and n."""
     try:
-        prepared = prepare_round(msg, site, cfg, records, secure=False)
+        prepared = prepare_round(msg, site, cfg, data, secure=False)
     except protocol.Refusal as refused:
         return refusal(msg, refused)
-    delta, weight, metrics = local_update(prepared, site, cfg, records)
+    delta, weight, metrics = local_update(prepared, site, cfg)
     if site.require_privacy and not site.release_train_loss:
         del metrics["train_loss"]  # logged here, never sent: ε does not cover it
     content = RecordDict({

@@ -36,6 +36,9 @@ class SiteInfo:
     # Did not answer the last round (crashed, restarting, network): asked again before the
     # next round instead of being sent a round it cannot take part in.
     missing: bool = False
+    # The site accounts each of its data cohorts against its own budget and retires spent ones
+    # (fedtune.privacy.cohorts), so the server's whole-site ε does not decide when it stops.
+    per_cohort_budget: bool = False
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
@@ -72,7 +75,8 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
             log.error("nodes %d and %d both claim to be site %r; ignoring the second", sites[name].node_id, node, name)
             continue
         sites[name] = SiteInfo(node_id=node, name=name, budget_epsilon=float(info["budget_epsilon"]),
-                               delta=float(info["delta"]))
+                               delta=float(info["delta"]),
+                               per_cohort_budget=info.get("per_cohort_budget", False) is True)
     return sorted(sites.values(), key=lambda s: s.name)
 
 

@@ -76,6 +76,8 @@ def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list["SiteI
             "steps": sum(c.steps for c in history),
             "noise_multiplier": noise_multiplier(cfg),
             "sample_rate": cfg.privacy.sample_rate,
+            # The site budgets each data cohort itself: ε here bounds every cohort's from above.
+            "per_cohort_budget": site.per_cohort_budget,
         }
     return report
 

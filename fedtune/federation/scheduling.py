@@ -44,7 +44,8 @@ def affordable(sites: list[SiteInfo], rc: protocol.RoundConfig, ledger: PrivacyL
     for site in sites:
         if site.refused:
             continue
-        if not rc.private:
+        if not rc.private or site.per_cohort_budget:
+            # A site with cohort budgets checks them itself and refuses when all are spent.
             chosen.append(site)
             continue
         decision = ledger.check(site.name, charge, site.budget_epsilon, site.delta)

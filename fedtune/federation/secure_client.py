@@ -21,9 +21,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune import adapters
 from fedtune.config import FedtuneConfig
-from fedtune.data import Record
 from fedtune.federation import protocol, secure_checks, wire
 from fedtune.federation.client import (
+    TrainingData,
     SiteSettings,
     check_round_message,
     local_update,
@@ -88,7 +88,7 @@ def _identity(site: SiteSettings) -> Identity:
     return site.identity
 
 
-def handle(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig, records: list[Record]) -> Message:
+def handle(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig, records: TrainingData) -> Message:
     """One secure-aggregation stage; every field is validated before any state or ledger is touched."""
     try:
         name, _ = wire.read_stage(msg.content)
@@ -126,7 +126,7 @@ def _round_of(msg: Message) -> str:
 def _advertise(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig,
                identity: Identity) -> Message:
     # A site over budget or outside its policy refuses here, before any secret exists.
-    rc, _ = check_round_message(msg, site, cfg, secure=True)
+    rc, _, _ = check_round_message(msg, site, cfg, secure=True)
     request = wire.AdvertiseRequest.from_record(msg.content)
     secrets_, (enc_pk, mask_pk) = secagg.advertise_keys(request.index)
     _save(context, secrets_, rc.round)
@@ -148,7 +148,7 @@ def _share(msg: Message, context: Context, secrets_: secagg.SiteSecrets, rc: pro
     return _ok(msg, wire.ShareReply(shares=shares).to_record())
 
 
-def _mask(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig, records: list[Record],
+def _mask(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig, records: TrainingData,
           secrets_: secagg.SiteSecrets) -> Message:
     if secrets_.masked or not secrets_.neighbour_keys:
         raise secagg.ProtocolViolation("a mask stage out of order (before sharing keys, or a second one)")
@@ -158,7 +158,7 @@ def _mask(msg: Message, context: Context, site: SiteSettings, cfg: FedtuneConfig
     # Before anything is charged: a site starved of neighbours would mask with its self-mask alone.
     secure_checks.check_masking_neighbours(secrets_, request.shares, site.policy)
     prepared = prepare_round(msg, site, cfg, records, secure=True, max_weight=quant.max_weight)
-    delta, weight, _metrics = local_update(prepared, site, cfg, records)
+    delta, weight, _metrics = local_update(prepared, site, cfg)
     names = sorted(delta)
     flat = adapters.flatten(delta, names)
     if not np.all(np.isfinite(flat)):
