@@ -127,6 +127,13 @@ def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     ax1.set_xlabel("round")
     ax1.set_ylabel("loss (nats/token)")
     ax1.legend()
+    accuracy = [a if isinstance(a := r.get("eval_accuracy"), (int, float)) else math.nan for r in rows]
+    if not all(math.isnan(a) for a in accuracy):
+        # A classifier's accuracy, or DPO's preference accuracy (held-out pairs whose margin is > 0).
+        twin = ax1.twinx()
+        twin.plot(rounds, accuracy, marker="s", color="tab:green")
+        twin.set_ylabel("held-out accuracy", color="tab:green")
+        twin.set_ylim(0.0, 1.0)
     ax2.plot(rounds, [r["max_epsilon"] if isinstance(r["max_epsilon"], (int, float)) else math.nan for r in rows],
              marker="o", color="tab:red")
     ax2.set_xlabel("round")

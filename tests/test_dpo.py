@@ -182,3 +182,23 @@ def test_a_private_three_site_dpo_federation_learns_the_preference(tmp_path: Pat
         math.exp(row["eval_chosen_loss"]))
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
     assert all(0 < site["epsilon"] <= 8.0 + 1e-6 for site in report["sites"].values())
+
+
+@pytest.mark.parametrize("server_task,accepted", [("dpo", True), ("causal_lm", False), ("classification", False),
+                                                   (5, False), ("dpo ", False), (None, False)])
+def test_a_deployed_site_trains_dpo_only_if_its_own_data_are_pairs(tmp_path: Path, server_task: object,
+                                                                    accepted: bool) -> None:
+    """The run's model.task comes from the (untrusted) server; the site's own data.format must agree with it."""
+    from fedtune.deploy.run_config import site_run_config
+    from fedtune.deploy.site_config import SiteConfig, SiteData
+    from fedtune.federation.protocol import REFUSED_RUN_CONFIG, Refusal
+
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "Q ", "chosen": "5 mg.", "rejected": "5mg."}) + "\n")
+    site = SiteConfig(base_dir=str(tmp_path), data=SiteData(path="pairs.jsonl", format="preference"))
+    raw = json.dumps({"model": {"task": server_task}})
+    if accepted:
+        assert site_run_config(raw, site).model.task == "dpo"
+    else:
+        with pytest.raises(Refusal) as refused:
+            site_run_config(raw, site)
+        assert refused.value.code == REFUSED_RUN_CONFIG
