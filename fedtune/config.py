@@ -231,6 +231,21 @@ class SecAggConfig:
 
 
 @dataclass
+class VersionsConfig:
+    """Continuous fine-tuning: a federation that produces adapter version after version.
+
+    With ``enabled``, ``run_dir`` is the federation's root: each server run writes the next
+    version under ``versions/vNNNN/`` starting from the current version's adapter, and the
+    server ledger in the root (a deployment: the federation's own) covers every version.
+    """
+
+    enabled: bool = False
+    # Promote a new version to current only if its held-out loss is at most its parent's
+    # (on the same held-out set) plus this much; otherwise keep it unpromoted and say why.
+    gate_tolerance: float = 0.0
+
+
+@dataclass
 class FedtuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,6 +253,7 @@ class FedtuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    versions: VersionsConfig = field(default_factory=VersionsConfig)
     # Where outputs go; null means Hydra's run directory under `fedtune simulate`, else runs/default.
     run_dir: Optional[str] = None
     log_level: str = "INFO"
@@ -303,6 +319,12 @@ def validate_federation(f: FederationConfig) -> None:
             f"{f.round_timeout_s} is not positive", "Use null (wait indefinitely) or seconds, e.g. 600.")
     validate_site_resources(f)
     validate_server_optimizer(f)
+
+
+def validate_versions(v: VersionsConfig) -> None:
+    require(math.isfinite(v.gate_tolerance) and v.gate_tolerance >= 0, "versions.gate_tolerance",
+            f"{v.gate_tolerance} is not a finite number >= 0",
+            "Use the largest rise in held-out loss a new version may show and still be promoted, e.g. 0 or 0.02.")
 
 
 def validate_server_optimizer(f: FederationConfig) -> None:

@@ -20,6 +20,7 @@ from fedtune.config import (
     validate_privacy,
     validate_task,
     validate_train,
+    validate_versions,
 )
 from fedtune.errors import require
 from fedtune.privacy.accounting import MAX_NOISE_MULTIPLIER
@@ -37,6 +38,7 @@ def validate(cfg: FedtuneConfig) -> None:
     validate_privacy(cfg.privacy)
     validate_train(cfg.train)
     validate_federation(cfg.federation)
+    validate_versions(cfg.versions)
     validate_task(cfg.model, cfg.data)
     get_task(cfg.model.task).check_config(cfg.model, cfg.data)
     validate_data(cfg.data, cfg.federation.num_sites)

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from fedtune import adapters, governance
 from fedtune.config import FedtuneConfig
-from fedtune.federation import run_files
+from fedtune.federation import continual, run_files
 from fedtune.federation.evaluator import (
     Evaluator,
     RoundFinisher,
@@ -70,6 +70,8 @@ class ServerOptions:
     ledger_path: Optional[Path] = None
     round_protocol: Optional[RoundProtocol] = None
     pooled_data: bool = True
+    # With versions.enabled: the version this run writes (continual.open_version).
+    version: Optional[continual.OpenVersion] = None
 
 
 @dataclass
@@ -138,8 +140,16 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
     log.info("server optimiser %s %s", optimizer.title, optimizer.hyper)
     # Part of the method every version's record states, as the strategy is.
     identity["server_optimizer"] = {"name": optimizer.name, **optimizer.hyper}
+    plan = options.version.plan if options.version is not None else None
+    if plan is not None:
+        identity["version"] = continual.version_identity(plan)
     adapter = GlobalAdapter(built.model, run_dir, identity, optimizer)
     start_round = adapter.resume() + 1
+    if plan is not None and start_round == 1:
+        # A new version: its parent's adapter and record, rounds numbered on from the federation's last.
+        if plan.parent_dir is not None:
+            adapter.start_from(plan.parent_dir / "checkpoint", plan.first_round - 1)
+        start_round = plan.first_round
     spec = adapters.UpdateSpec({n: adapter.state[n].shape for n in strategy.trainable_names(built.model)},
                                cfg.federation.max_update_bytes)
     ledger = PrivacyLedger(options.ledger_path or run_dir / "server_ledger.sqlite",
@@ -167,8 +177,10 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     progress bar go (default: tqdm's, stdout and stderr), e.g. the console of a quiet CLI whose
     own stdout and stderr go to a log file.
     """
-    options = ServerOptions(wait_timeout_s, round_timeout_s, show_progress, enrolled, ledger_path, round_protocol,
-                            pooled_data)
+    opened = continual.open_version(cfg, run_dir, ledger_path)
+    run_dir = opened.run_dir
+    options = ServerOptions(wait_timeout_s, round_timeout_s, show_progress, enrolled, opened.ledger_path,
+                            round_protocol, pooled_data, opened)
     table = RoundTable(show_progress, progress_file)
     run, start_round = prepare(grid, cfg, run_dir, options)
     evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data))
@@ -177,17 +189,22 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         return ServerSummary(run_dir, 0, "no site connected")
     baseline = evaluator.evaluate(run.adapter.state)
     log_baseline(baseline, start_round)
+    continual.note_start(opened, start_round, baseline.result.loss if baseline.result is not None else None)
     finish_interrupted_round(run_dir, run.adapter, baseline, table)
-    summary = ServerSummary(run_dir, start_round - 1, "all rounds completed")
-    bar = table.bar(range(start_round, cfg.federation.num_rounds + 1))
+    first = opened.first_round
+    summary = ServerSummary(run_dir, start_round - first, "all rounds completed")
+    bar = table.bar(range(start_round, first + cfg.federation.num_rounds))
+    last_begun = start_round - 1
     with RoundFinisher(evaluator, run.adapter, run_dir, table) as finisher:
         for round_number in bar:
+            last_begun = round_number
             stop = run.play(round_number, finisher)
             if stop is not None:
                 summary.stop_reason = stop
                 break
-            summary.rounds_completed = round_number
+            summary.rounds_completed = round_number - first + 1
     bar.close()
     summary.rows = finisher.rows
     write_final_outputs(cfg, summary, run.context.ledger, run.sites, baseline.result)
+    continual.close_version(opened, cfg, run.adapter.round, last_begun)
     return summary

@@ -93,6 +93,22 @@ class GlobalAdapter:
         log.info("resuming from the checkpoint of round %d", self.round)
         return self.round
 
+    def start_from(self, parent_checkpoint: Path, last_round: int) -> None:
+        """Begin a new version at its parent's adapter and record (the chain's next link).
+
+        The server optimiser's moments start afresh: they belong to the parent's run.
+        ``last_round`` is the federation's latest round, so this version's first is the next.
+        """
+        loaded = load_checkpoint(parent_checkpoint, self.key_map)
+        require(loaded is not None, "versions.enabled", f"the parent version's checkpoint {parent_checkpoint} is "
+                "missing", "Restore the parent version's directory, or point versions/CURRENT at a version that has "
+                "its checkpoint.")
+        assert loaded is not None
+        _, self.state = loaded
+        self.record = checkpoint_record(parent_checkpoint)
+        self.round = last_round
+        log.info("starting from the parent version's adapter (%s)", parent_checkpoint)
+
     def _resume_optimizer(self) -> None:
         """The server optimiser's moments of the checkpoint's round; refuses another optimiser's."""
         path = self.optimizer_path(self.round)
