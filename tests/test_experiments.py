@@ -107,11 +107,14 @@ def test_quick_sweep_of_two_settings_end_to_end(tmp_path: Path, capsys: pytest.C
     assert 1.9 < float(dp["epsilon_spent"]) <= 2.0 and plain["epsilon_spent"] == "inf"
     for row in rows:
         assert int(row["rounds_completed"]) == 4
+        assert int(row["max_site_steps"]) == 4 * 10  # every site trained every round's 10 steps
         assert float(row["final_eval_loss"]) < float(row["initial_eval_loss"])
         assert len(json.loads(row["eval_loss_by_round"])) == 5
         assert (out / row["run_dir"] / "metrics.jsonl").is_file()
     table = (out / "table.md").read_text()
     assert "Held-out loss" in table and "Held-out perplexity" in table and "± 0.000" in table
+    # Choosing between a private and a non-private run on the same records is not private.
+    assert "| every run | 2 | ∞ |" in table
     for png in ("utility_vs_epsilon.png", "utility_vs_round.png"):
         assert (out / png).stat().st_size > 5000
     record = json.loads((out / "experiment.json").read_text())

@@ -175,6 +175,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "final_eval_perplexity": last.get("eval_perplexity", math.exp(min(summary["initial_eval_loss"], 50.0))),
         "final_eval_accuracy": last.get("eval_accuracy"),
         "epsilon_spent": max(numeric) if numeric else 0.0,
+        # The most-trained site's DP-SGD steps: its records' worst case (search_cost).
+        "max_site_steps": max((int(s["steps"]) for s in report["sites"].values()), default=0),
         "eval_loss_by_round": [summary["initial_eval_loss"]] + [r["eval_loss"] for r in rows],
         "eval_accuracy_by_round": [r.get("eval_accuracy") for r in rows],
     }
@@ -199,6 +201,7 @@ def result_row(setting: Setting, cfg: FedtuneConfig, run: dict[str, Any], wall_s
         "num_rounds": cfg.federation.num_rounds,
         "local_steps": cfg.train.local_steps,
         "rounds_completed": run["rounds_completed"],
+        "max_site_steps": run.get("max_site_steps"),
         "stop_reason": run["stop_reason"],
         "initial_eval_loss": run["initial_eval_loss"],
         "final_eval_loss": run["final_eval_loss"],

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from fedtune.checkpoint import atomic_write_text
+from fedtune.experiments.search_cost import search_cost_section
 
 CSV_FIELDS = [
     "key", "group", "centralised", "partition", "dirichlet_alpha", "strategy", "num_sites", "seed",
     "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate", "num_rounds", "local_steps",
-    "rounds_completed", "stop_reason", "initial_eval_loss", "final_eval_loss", "final_eval_perplexity",
+    "rounds_completed", "max_site_steps", "stop_reason", "initial_eval_loss", "final_eval_loss", "final_eval_perplexity",
     "final_eval_accuracy", "eval_loss_by_round", "eval_accuracy_by_round", "wall_seconds", "run_dir",
 ]
 _JSON_FIELDS = ("eval_loss_by_round", "eval_accuracy_by_round")
@@ -60,6 +61,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
                 row[k] = float(row[k]) if row.get(k) not in (None, "") else None
             for k in _INT_FIELDS:
                 row[k] = int(row[k])
+            # Absent from a results.csv written before it was recorded.
+            row["max_site_steps"] = int(row["max_site_steps"]) if row.get("max_site_steps") else None
             row["centralised"] = row["centralised"] == "True"
             rows.append(row)
     return rows
@@ -134,6 +137,7 @@ def write_tables(rows: Sequence[dict[str, Any]], path: Path, provenance: str = "
         # Perplexity is a language-modelling measure; a classifier reports accuracy instead.
         if has_metric(rows, metric) and not (classification and metric == "final_eval_perplexity"):
             parts.append(markdown_table(rows, metric))
+    parts.append(search_cost_section(rows))
     text = "\n".join(parts)
     atomic_write_text(path, text)
     return text
