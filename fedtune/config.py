@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 from fedtune.errors import ConfigError, require
 
 ACCOUNTANTS = ("rdp", "prv")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "by_field")
 # The registries are fedtune.tasks (tasks and the record formats they read) and
 # fedtune.strategies; this leaf cannot import them, so tests keep these names equal to theirs.
 DATA_FORMATS = ("auto", "text", "instruction", "labelled", "preference")
@@ -107,10 +107,15 @@ class DataConfig:
     # index, or one of label_names (its position is the class index).
     label_field: str = "label"
     label_names: Optional[list[str]] = None
-    # Field used by the Dirichlet partitioner to make sites differ (e.g. a speciality).
+    # Field used by the Dirichlet partitioner to make sites differ (e.g. a speciality), and
+    # by by_field to make one site per distinct value (e.g. a speaker, a writer).
     group_field: Optional[str] = "source"
+    # iid, dirichlet (each group spread over the sites in Dirichlet(α) shares) or by_field
+    # (one site per group_field value; federation.num_sites must equal their number).
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.5
+    # by_field: a group with fewer training records is left out (a one-record site's update is noise).
+    min_records_per_site: int = 2
     eval_fraction: float = 0.1
     # A local JSONL file of held-out records the *server* evaluates on (same format and
     # fields as data.path).  null: a simulation evaluates on the eval_fraction split of
@@ -390,6 +395,11 @@ def validate_data(d: DataConfig, num_sites: int) -> None:
     _choice(d.partition, PARTITIONS, "data.partition")
     require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
             "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")
+    require(d.min_records_per_site >= 1, "data.min_records_per_site", f"{d.min_records_per_site} < 1",
+            "Use the least number of training records a group needs to become a site, e.g. 2.")
+    require(d.partition != "by_field" or d.group_field is not None, "data.group_field",
+            "data.partition=by_field makes one site per value of data.group_field, which is null",
+            "Name the field that says whose each record is, e.g. data.group_field=speaker.")
     require(0 < d.eval_fraction < 1, "data.eval_fraction", f"{d.eval_fraction} is outside (0, 1)",
             "Hold out a fraction such as 0.1 for evaluation.")
     require(d.max_length >= 8, "data.max_length", f"{d.max_length} < 8", "Use at least 8 tokens, e.g. 128.")

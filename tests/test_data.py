@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import DataConfig
+from fedtune.config import DataConfig, validate_data
 from fedtune.data import DataError, load_federated_data, load_jsonl
 from fedtune.data.demo import demo_corpus, speciality_names
 from fedtune.data.encoding import collate
-from fedtune.data.partition import partition_dirichlet, partition_iid
+from fedtune.data.partition import partition_by_field, partition_dirichlet, partition_iid
 from fedtune.data.records import Record
+from fedtune.errors import ConfigError
 from fedtune.models import build_tokenizer
 from fedtune.tasks import get_task
 
@@ -78,3 +79,44 @@ def test_federated_split_keeps_eval_apart() -> None:
     train = {i for s in data.site_indices for i in s}
     assert not train & set(data.eval_indices)
     assert len(train) + len(data.eval_indices) == 200
+
+
+def _speeches(path: Path, counts: dict[str, int]) -> Path:
+    with path.open("w") as out:
+        for speaker, count in counts.items():
+            for i in range(count):
+                out.write(json.dumps({"text": f"{speaker} says line {i}", "speaker": speaker}) + "\n")
+    return path
+
+
+def test_by_field_makes_one_site_per_group_and_drops_tiny_ones(tmp_path: Path) -> None:
+    path = _speeches(tmp_path / "plays.jsonl", {"ROMEO": 30, "JULIET": 25, "NURSE": 12, "PAGE": 1})
+    cfg = DataConfig(path=str(path), group_field="speaker", partition="by_field", min_records_per_site=5)
+    data = load_federated_data(cfg, num_sites=3)
+    speakers = [{r.group for r in data.site_records(site)} for site in range(3)]
+    assert speakers == [{"JULIET"}, {"NURSE"}, {"ROMEO"}]  # sorted by name; PAGE has too few records
+    held_out = set(data.eval_indices)
+    for site in range(3):
+        assert not held_out & set(data.site_indices[site])
+    # Every training record of a kept group is at its group's site.
+    kept = {i for i, r in enumerate(data.records) if r.group != "PAGE" and i not in held_out}
+    assert kept == {i for site in data.site_indices for i in site}
+
+
+def test_by_field_names_the_number_of_sites_the_data_makes(tmp_path: Path) -> None:
+    path = _speeches(tmp_path / "plays.jsonl", {"ROMEO": 30, "JULIET": 25, "NURSE": 12})
+    cfg = DataConfig(path=str(path), group_field="speaker", partition="by_field")
+    with pytest.raises(ConfigError) as err:
+        load_federated_data(cfg, num_sites=10)
+    assert err.value.field == "federation.num_sites" and "federation.num_sites=3" in str(err.value)
+    with pytest.raises(ConfigError, match="data.group_field"):
+        validate_data(DataConfig(path=str(path), group_field=None, partition="by_field"), num_sites=3)
+    with pytest.raises(ConfigError, match="data.min_records_per_site"):
+        validate_data(DataConfig(path=str(path), partition="by_field", min_records_per_site=0), num_sites=3)
+
+
+def test_by_field_partitions_a_thousand_groups_in_one_pass() -> None:
+    groups = [f"role-{i % 1000:04d}" for i in range(20000)]
+    sites = partition_by_field(groups, min_records=2)
+    assert len(sites) == 1000 and all(len(s) == 20 for s in sites)
+    assert sites[7] == [i for i, g in enumerate(groups) if g == "role-0007"]

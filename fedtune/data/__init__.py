@@ -62,7 +62,8 @@ def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
     records = load_records(cfg)
     train_idx, eval_idx = train_eval_split(len(records), cfg.eval_fraction, cfg.seed)
     train_records = [records[i] for i in train_idx]
-    parts = partition(train_records, num_sites, cfg.partition, cfg.dirichlet_alpha, cfg.seed) if train_records else [[] for _ in range(num_sites)]
+    parts = (partition(train_records, num_sites, cfg.partition, cfg.dirichlet_alpha, cfg.seed,
+                       cfg.min_records_per_site) if train_records else [[] for _ in range(num_sites)])
     site_indices = [[train_idx[j] for j in part] for part in parts]
     if cfg.canary_path is not None:
         # Audit canaries join one site's training data only (never the held-out set).
