@@ -161,13 +161,15 @@ def test_model_task_dpo_alone_selects_the_demo_pairs(tmp_path: Path) -> None:
     check_data(cfg)  # the demo pairs encode within the tiny config's max_length
 
 
-def test_a_private_three_site_dpo_federation_learns_the_preference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_private_three_site_dpo_federation_learns_the_preference(tmp_path: Path, secure: bool) -> None:
     """Held-out preference accuracy of the demo pairs rises above the untrained adapter's (0: all ties)."""
     from fedtune.data import load_federated_data
     from fedtune.experiments.engine import run_inprocess
 
     cfg = tiny_config(tmp_path / "run", model__task="dpo", data__max_length=128, data__demo_records=300,
                       data__partition="iid", federation__num_rounds=1, privacy__noise_multiplier=None)
+    cfg.secagg.enabled = secure
     resolve_format(cfg)  # as fedtune simulate and run_inprocess do: model.task=dpo alone picks the demo pairs
     model, tokenizer = build_lora_model(cfg.model)
     held_out = load_federated_data(cfg.data, cfg.federation.num_sites).eval_records()
