@@ -204,3 +204,14 @@ def test_a_deployed_site_trains_dpo_only_if_its_own_data_are_pairs(tmp_path: Pat
         with pytest.raises(Refusal) as refused:
             site_run_config(raw, site)
         assert refused.value.code == REFUSED_RUN_CONFIG
+
+
+def test_inside_a_round_a_long_prompt_is_cut_not_an_error(tmp_path: Path) -> None:
+    """A failure caused by one record's content would reach the server; check_encodable refuses it before."""
+    _, tokenizer = build_lora_model(_dpo_config(tmp_path).model)
+    example = DPO.encode(PreferenceRecord("x" * 100, "5 mg.", rejected="5mg."), tokenizer, 64)
+    assert len(example.chosen.input_ids) <= 64 and sum(example.chosen.target_mask) == len("5 mg.") + 1
+    with pytest.raises(DataError, match="a preference pair: the prompt is 100 tokens"):
+        DPO.check_encodable([PreferenceRecord("x" * 100, "5 mg.", rejected="5mg.")], lambda: tokenizer, 64)
+    with pytest.raises(DataError, match="differ only after data.max_length=64"):
+        DPO.check_encodable([PreferenceRecord("x" * 60, "Yes, 5 mg.", rejected="Yes, 5mg.")], lambda: tokenizer, 64)

@@ -129,6 +129,15 @@ def pair_margins(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor
                        ref_chosen, ref_rejected)
 
 
+def _pair_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen answer, rejected answer) token ids, special tokens placed as for SFT."""
+    if not isinstance(record, PreferenceRecord):
+        raise TypeError("a DPO record is a PreferenceRecord (data.format=preference)")
+    prompt_ids, chosen_ids = prompt_response_ids(record, tokenizer)
+    _, rejected_ids = prompt_response_ids(dataclasses.replace(record, response=record.rejected), tokenizer)
+    return prompt_ids, chosen_ids, rejected_ids
+
+
 class DPO(Task[PreferenceExample, PreferenceBatch]):
     """Preference pairs; held-out preference accuracy, mean margin, and the SFT loss on chosen answers."""
 
@@ -158,19 +167,18 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
         return self.lm.tiny_model(config, model)
 
     def encode(self, record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreferenceExample:
-        """Both answers after the same prompt, cut to ``max_length``; DataError if no preference fits."""
-        if not isinstance(record, PreferenceRecord):
-            raise TypeError("a DPO record is a PreferenceRecord (data.format=preference)")
-        prompt_ids, chosen_ids = prompt_response_ids(record, tokenizer)
-        _, rejected_ids = prompt_response_ids(dataclasses.replace(record, response=record.rejected), tokenizer)
+        """Both answers after the same prompt, cut to ``max_length``.
+
+        A prompt that fills the window keeps its last ``max_length // 2`` tokens rather than
+        fail: :meth:`check_encodable` refuses such a pair before any work, and inside a
+        round an error caused by one record's content would itself tell the server about
+        that record (it reaches it as a failure code), outside ε.
+        """
+        prompt_ids, chosen_ids, rejected_ids = _pair_ids(record, tokenizer)
+        if len(prompt_ids) >= max_length:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_length // 2:]
         room = max_length - len(prompt_ids)
-        if room < 1:
-            raise DataError(f"{record.where or 'a pair'}: the prompt is {len(prompt_ids)} tokens, so no answer token fits in "
-                            f"data.max_length={max_length}. Raise data.max_length or shorten the prompt.")
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-        if chosen_ids == rejected_ids:
-            raise DataError(f"{record.where or 'a pair'}: the two answers differ only after data.max_length={max_length} "
-                            "tokens, so the pair expresses no preference there. Raise data.max_length.")
         prompt_mask = [0] * len(prompt_ids)
         return PreferenceExample(Example(tuple(prompt_ids + chosen_ids), tuple(prompt_mask + [1] * len(chosen_ids))),
                                  Example(tuple(prompt_ids + rejected_ids),
@@ -178,8 +186,18 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
 
     def check_encodable(self, records: Sequence[Record], tokenizer: Callable[[], PreTrainedTokenizerBase],
                         max_length: int) -> None:
-        """Every pair encodes (its prompt fits, its answers differ within the window): DataError names the line."""
-        self.encode_all(records, tokenizer(), max_length)
+        """Every pair's prompt leaves room for its answers, which differ within the window; DataError names the line."""
+        loaded = tokenizer()
+        for record in records:
+            prompt_ids, chosen_ids, rejected_ids = _pair_ids(record, loaded)
+            where = getattr(record, "where", "") or "a preference pair"
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                raise DataError(f"{where}: the prompt is {len(prompt_ids)} tokens, so no answer token fits in "
+                                f"data.max_length={max_length}. Raise data.max_length or shorten the prompt.")
+            if chosen_ids[:room] == rejected_ids[:room]:
+                raise DataError(f"{where}: the two answers differ only after data.max_length={max_length} tokens, "
+                                "so the pair expresses no preference there. Raise data.max_length.")
 
     def collate(self, examples: Sequence[PreferenceExample], pad_id: int) -> PreferenceBatch:
         return PreferenceBatch(collate([e.chosen for e in examples], pad_id),
