@@ -41,6 +41,7 @@ commands:
   client            site: start this site's SuperNode from its site config
   evaluate          held-out metrics of a run's adapter: `fedtune evaluate ADAPTER [data.path=FILE] [--baseline]`
   generate          continue a prompt with a causal-LM run's adapter: `fedtune generate ADAPTER --prompt TEXT`
+  merge             merge adapters of one base model with peft: `fedtune merge A B --method ties --out DIR`
 
 fedtune simulate [-v] [OVERRIDE ...] [--multirun]
 
@@ -65,6 +66,7 @@ SUBCOMMANDS: dict[str, str] = {
     "client": "fedtune.deploy.cli:client_main",
     "evaluate": "fedtune.inference_cli:evaluate_main",
     "generate": "fedtune.inference_cli:generate_main",
+    "merge": "fedtune.derive_cli:merge_main",
 }
 
 

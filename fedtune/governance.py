@@ -20,9 +20,9 @@ import fedtune
 RECORD_FILE = "adapter_record.json"
 
 
-def lora_settings(model: Any) -> dict[str, Any]:
-    """The LoRA settings of ``model``'s adapter that decide what its tensors mean."""
-    config = model.peft_config["default"]
+def lora_settings(model: Any, adapter_name: str = "default") -> dict[str, Any]:
+    """The LoRA settings of ``model``'s adapter (``adapter_name``) that decide what its tensors mean."""
+    config = model.peft_config[adapter_name]
     return {
         "r": int(config.r),
         "lora_alpha": float(config.lora_alpha),

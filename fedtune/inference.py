@@ -78,7 +78,9 @@ class AdapterRun:
 
     @property
     def round(self) -> Optional[int]:
-        return None if self.record is None else int(self.record["round"])
+        # A merged or distilled adapter's record has round null: no federation round made it.
+        value = None if self.record is None else self.record.get("round")
+        return None if value is None else int(value)
 
 
 @dataclass

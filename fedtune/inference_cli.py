@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from fedtune.data.records import DataError
 from fedtune.errors import ConfigError
@@ -24,7 +24,7 @@ OVERRIDES_HELP = ("overrides of the run's config.yaml, e.g. model.path=DIR (the 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
+    parser.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP + " (evaluate: several, for one table)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="the run's config.yaml (default: the nearest one at or above ADAPTER)")
@@ -70,25 +70,60 @@ def _run_guarded(prog: str, body: Callable[[], None]) -> None:
         raise SystemExit(2) from None
 
 
+def _evaluate_one(adapter: str, overrides: Sequence[str], args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the adapter's run, its evaluation) as ``fedtune evaluate ADAPTER`` computes it."""
+    from fedtune import inference
+
+    run = inference.locate(adapter, overrides, args.config)
+    held_out = inference.evaluation_records(run)
+    return run, inference.evaluate_adapter(inference.load_model(run), held_out, baseline=args.baseline)
+
+
+def _print_one(run: Any, evaluation: Any) -> None:
+    round_note = f" (round {run.round})" if run.round is not None else ""
+    print(f"adapter   {run.adapter_dir}{round_note}")
+    print(f"data      {evaluation.records} records: {evaluation.source}")
+    print(_metrics_line("adapter", evaluation.result))
+    if evaluation.baseline is not None:
+        print(_metrics_line("baseline", evaluation.baseline) + "   (untrained adapter: the run's round 0)")
+
+
+def _print_table(results: list[tuple[Any, Any]]) -> None:
+    """One row per adapter, so merged, exported or distilled adapters read beside their sources."""
+    sources = {evaluation.source for _, evaluation in results}
+    if len(sources) == 1:
+        print(f"data      {results[0][1].records} records: {sources.pop()}")
+    width = max(len(str(run.adapter_dir)) for run, _ in results)
+    second = "accuracy" if results[0][1].result.accuracy is not None else "perplexity"
+    print(f"{'adapter':<{width}}  {'kind':<7} {'loss':>8} {second:>10}")
+    for run, evaluation in results:
+        kind = (run.record or {}).get("kind") or (f"round {run.round}" if run.round is not None else "-")
+        value = evaluation.result.accuracy if second == "accuracy" else evaluation.result.perplexity
+        note = f"   ({evaluation.records} records: {evaluation.source})" if len(sources) > 1 else ""
+        print(f"{str(run.adapter_dir):<{width}}  {kind:<7} {evaluation.result.loss:>8.4f} {value:>10.4f}{note}")
+
+
 def evaluate_main(argv: Sequence[str]) -> None:
-    """``fedtune evaluate ADAPTER [section.field=value ...] [--baseline] [--json FILE]``."""
+    """``fedtune evaluate ADAPTER [ADAPTER ...] [section.field=value ...] [--baseline] [--json FILE]``.
+
+    Several adapters (e.g. two sources and their merge) are evaluated on the same records
+    with the same overrides and printed as one table; ``--json`` then holds a list.
+    """
     args = evaluate_parser().parse_intermixed_args(list(argv))
+    adapters = [args.adapter, *(item for item in args.overrides if "=" not in item)]
+    overrides = [item for item in args.overrides if "=" in item]
 
     def body() -> None:
-        from fedtune import inference
-
-        run = inference.locate(args.adapter, args.overrides, args.config)
-        held_out = inference.evaluation_records(run)
-        evaluation = inference.evaluate_adapter(inference.load_model(run), held_out, baseline=args.baseline)
-        round_note = f" (round {run.round})" if run.round is not None else ""
-        print(f"adapter   {run.adapter_dir}{round_note}")
-        print(f"data      {evaluation.records} records: {evaluation.source}")
-        print(_metrics_line("adapter", evaluation.result))
-        if evaluation.baseline is not None:
-            print(_metrics_line("baseline", evaluation.baseline) + "   (untrained adapter: the run's round 0)")
+        results = [_evaluate_one(adapter, overrides, args) for adapter in adapters]
+        if len(results) == 1:
+            _print_one(*results[0])
+        else:
+            _print_table(results)
         if args.json is not None:
+            reports = [evaluation.to_json(run) for run, evaluation in results]
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(evaluation.to_json(run), indent=2) + "\n", encoding="utf-8")
+            args.json.write_text(json.dumps(reports[0] if len(reports) == 1 else {"adapters": reports}, indent=2)
+                                 + "\n", encoding="utf-8")
             print(f"metrics   {args.json}")
 
     _run_guarded("fedtune evaluate", body)

@@ -1,0 +1,63 @@
+"""``fedtune merge``, ``fedtune export`` and ``fedtune distil``: one model from many adapters.
+
+The logic is :mod:`fedtune.merging`, :mod:`fedtune.export` and :mod:`fedtune.distil`;
+this module parses arguments and prints where the result went.  Errors a user can fix
+are one line on stderr and exit code 2 (:func:`fedtune.inference_cli._run_guarded`), and
+nothing is written: every output folder is moved into place whole, and an existing
+``--out`` is refused unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from fedtune.inference_cli import ADAPTER_HELP, _run_guarded
+
+OVERRIDES_HELP = "overrides of the sources' run config, e.g. model.path=DIR (the base model's copy on this machine)"
+
+
+def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments as (adapter folders, ``key=value`` overrides)."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    from fedtune.merging import METHODS
+
+    parser = argparse.ArgumentParser(prog="fedtune merge", description="Merge LoRA adapters of one base model "
+                                     "into one adapter with peft's merge methods. Merging is post-processing of "
+                                     "DP adapters: it costs no privacy.")
+    parser.add_argument("items", nargs="+", metavar="ADAPTER", help=f"{ADAPTER_HELP}; also {OVERRIDES_HELP}")
+    parser.add_argument("--out", required=True, help="the folder to write (refused if it exists)")
+    parser.add_argument("--method", default="linear", choices=list(METHODS),
+                        help="linear, ties, dare_*, magnitude_prune combine the A and B factors separately (one "
+                        "rank; not the sum of the updates B·A); task_arithmetic, *_svd and cat merge the updates "
+                        "(task_arithmetic and cat exactly). Default: linear")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="one weight per adapter (default: an equal average)")
+    parser.add_argument("--density", type=float, default=0.5,
+                        help="share of each update kept by ties, dare_* and magnitude_prune* (default 0.5)")
+    parser.add_argument("--svd-rank", type=int, default=None,
+                        help="rank of the *_svd and task_arithmetic results (default: the sum of the sources' "
+                        "ranks, which is exact for task_arithmetic)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def merge_main(argv: Sequence[str]) -> None:
+    """``fedtune merge A B [C ...] --out DIR [--method M] [--weights W ...]``."""
+    args = merge_parser().parse_intermixed_args(list(argv))
+
+    def body() -> None:
+        from fedtune.merging import MergeRequest, merge
+
+        adapters, overrides = _split(args.items)
+        result = merge(MergeRequest(adapters, args.out, args.method, args.weights, args.density, args.svd_rank,
+                                    args.seed, overrides, args.overwrite))
+        print(f"merged    {len(adapters)} adapters ({args.method}) into {result.out}")
+        print(f"record    {result.record_hash} (parents: {', '.join(h[:12] for h in result.record['parents'])})")
+        print(f"evaluate  fedtune evaluate {' '.join(adapters)} {result.out} data.path=FILE")
+
+    _run_guarded("fedtune merge", body)
