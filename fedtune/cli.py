@@ -42,6 +42,7 @@ commands:
   evaluate          held-out metrics of a run's adapter: `fedtune evaluate ADAPTER [data.path=FILE] [--baseline]`
   generate          continue a prompt with a causal-LM run's adapter: `fedtune generate ADAPTER --prompt TEXT`
   merge             merge adapters of one base model with peft: `fedtune merge A B --method ties --out DIR`
+  export            an adapter as Hugging Face files: `fedtune export ADAPTER --out DIR [--merge]`
 
 fedtune simulate [-v] [OVERRIDE ...] [--multirun]
 
@@ -67,6 +68,7 @@ SUBCOMMANDS: dict[str, str] = {
     "evaluate": "fedtune.inference_cli:evaluate_main",
     "generate": "fedtune.inference_cli:generate_main",
     "merge": "fedtune.derive_cli:merge_main",
+    "export": "fedtune.derive_cli:export_main",
 }
 
 

@@ -61,3 +61,40 @@ def merge_main(argv: Sequence[str]) -> None:
         print(f"evaluate  fedtune evaluate {' '.join(adapters)} {result.out} data.path=FILE")
 
     _run_guarded("fedtune merge", body)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune export", description="Write an adapter as files Hugging Face "
+                                     "loads without fedtune, with its record (and card) beside them. Exporting "
+                                     "costs no privacy.")
+    parser.add_argument("items", nargs="+", metavar="ADAPTER", help=f"{ADAPTER_HELP}; also {OVERRIDES_HELP}")
+    parser.add_argument("--out", required=True, help="the folder to write (refused if it exists)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base model: a standalone model folder "
+                        "(AutoModelForCausalLM.from_pretrained(DIR)); default: a plain peft adapter folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def export_main(argv: Sequence[str]) -> None:
+    """``fedtune export ADAPTER --out DIR [--merge]``."""
+    args = export_parser().parse_intermixed_args(list(argv))
+
+    def body() -> None:
+        from fedtune.export import export
+        from fedtune.inference import UsageError
+
+        adapters, overrides = _split(args.items)
+        if len(adapters) != 1:
+            raise UsageError("ADAPTER", f"{len(adapters)} adapter folders given", "Export one adapter at a time "
+                             "(merge several first with `fedtune merge`).")
+        result = export(adapters[0], args.out, args.merge, overrides, args.overwrite)
+        if result.merged:
+            print(f"exported  {result.model_class} with the adapter merged in: {result.out}")
+            print(f"load      AutoModel*.from_pretrained('{result.out}')")
+        else:
+            print(f"exported  peft adapter: {result.out}")
+            base = result.base_model or "fedtune's built-in tiny model (no files: use --merge)"
+            print(f"load      PeftModel.from_pretrained(base, '{result.out}'), base: {base}")
+
+    _run_guarded("fedtune export", body)
