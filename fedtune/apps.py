@@ -7,6 +7,7 @@ only route messages to :mod:`fedtune.federation`; there is no second code path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -186,7 +187,11 @@ def make_client_app(cfg: Optional[FedtuneConfig] = None, deployed: Optional["Sit
     @app.query()
     @guarded_describe
     def describe(msg: Message, context: Context) -> Message:
-        settings, _ = settings_and_config(context)
+        settings, config = settings_and_config(context)
+        if deployed is not None and deployed.manifest.disclose:
+            from fedtune.deploy.manifest import site_disclosure
+
+            settings = dataclasses.replace(settings, disclosure=site_disclosure(deployed, records.of(context, config)))
         return site.describe(msg, settings)
 
     @app.train()

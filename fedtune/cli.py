@@ -41,6 +41,8 @@ commands:
   client            site: start this site's SuperNode from its site config
   evaluate          held-out metrics of a run's adapter: `fedtune evaluate ADAPTER [data.path=FILE] [--baseline]`
   generate          continue a prompt with a causal-LM run's adapter: `fedtune generate ADAPTER --prompt TEXT`
+  record verify     check the hash chain of a run's or federation's adapter records and their files:
+                    `fedtune record verify DIR`
   merge             merge adapters of one base model with peft: `fedtune merge A B --method ties --out DIR`
   export            an adapter as Hugging Face files: `fedtune export ADAPTER --out DIR [--merge]`
 
@@ -67,6 +69,7 @@ SUBCOMMANDS: dict[str, str] = {
     "client": "fedtune.deploy.cli:client_main",
     "evaluate": "fedtune.inference_cli:evaluate_main",
     "generate": "fedtune.inference_cli:generate_main",
+    "record": "fedtune.transparency.verify:main",
     "merge": "fedtune.derive_cli:merge_main",
     "export": "fedtune.derive_cli:export_main",
 }

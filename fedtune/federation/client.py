@@ -71,6 +71,8 @@ class SiteSettings:
     # The site's cohorts with their own budgets (site.yaml data.cohorts); empty: the whole
     # site is one budget, every ledger row counts.
     cohorts: tuple[CohortBudget, ...] = ()
+    # What the site discloses of its data, as JSON (fedtune.deploy.manifest); None: nothing.
+    disclosure: Optional[str] = None
 
 
 TrainingData = Union[CohortedRecords, Sequence[Record]]
@@ -123,6 +125,8 @@ def describe(msg: Message, site: SiteSettings) -> Message:
         # bound on every record's, and the site alone decides when it is spent.
         "per_cohort_budget": bool(site.cohorts),
     })
+    if site.disclosure is not None:
+        record["disclosure"] = site.disclosure
     return Message(RecordDict({protocol.SITE: record}), reply_to=msg)
 
 

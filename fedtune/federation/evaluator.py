@@ -119,6 +119,8 @@ class RoundFinisher:
         if version is not None:
             self.adapter.save(version)
         evaluation = self.evaluator.evaluate(state)
+        if version is not None:
+            self.adapter.write_card(version, evaluation.result)
         done = run_files.complete_row(row, evaluation.result, evaluation.seconds, round_seconds)
         run_files.record_row(self.run_dir, done, self.table)
         self.rows.append(done)

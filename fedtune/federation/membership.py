@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.federation import exchange, protocol
 from fedtune.federation.rounds import RoundOutcome
+from fedtune.transparency.disclosure import read_disclosure
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class SiteInfo:
     # The site accounts each of its data cohorts against its own budget and retires spent ones
     # (fedtune.privacy.cohorts), so the server's whole-site ε does not decide when it stops.
     per_cohort_budget: bool = False
+    # What the site chose to disclose of its data (fedtune.transparency.disclosure), for the records.
+    disclosure: dict[str, Any] = field(default_factory=dict)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
@@ -76,7 +79,8 @@ def discover_sites(grid: Grid, node_ids: list[int], timeout_s: float,
             continue
         sites[name] = SiteInfo(node_id=node, name=name, budget_epsilon=float(info["budget_epsilon"]),
                                delta=float(info["delta"]),
-                               per_cohort_budget=info.get("per_cohort_budget", False) is True)
+                               per_cohort_budget=info.get("per_cohort_budget", False) is True,
+                               disclosure=read_disclosure(name, info.get("disclosure")))
     return sorted(sites.values(), key=lambda s: s.name)
 
 

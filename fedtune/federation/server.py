@@ -48,6 +48,7 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.reporting import RoundTable
 from fedtune.server_optimizers import make_server_optimizer
 from fedtune.strategies import Strategy, make_strategy
+from fedtune.transparency.content import round_content, run_content
 
 __all__ = ["ServerOptions", "ServerSummary", "default_protocol", "round_config", "run_id_of", "run_server"]
 
@@ -119,7 +120,8 @@ class ServerRun:
             # The optimiser steps only the tensors the strategy aggregated; apply leaves the rest.
             step = self.adapter.optimizer.update(mean_delta)
             version = self.adapter.commit(round_number, self.strategy.apply(self.adapter.state, step),
-                                          outcome.participants)
+                                          outcome.participants,
+                                          round_content(self.context.ledger, self.sites, self.cfg.privacy.enabled))
         else:
             log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
         row["aggregation_seconds"] = time.perf_counter() - aggregation_started
@@ -140,6 +142,7 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
     log.info("server optimiser %s %s", optimizer.title, optimizer.hyper)
     # Part of the method every version's record states, as the strategy is.
     identity["server_optimizer"] = {"name": optimizer.name, **optimizer.hyper}
+    identity.update(run_content(cfg))
     plan = options.version.plan if options.version is not None else None
     if plan is not None:
         identity["version"] = continual.version_identity(plan)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from fedtune import adapters, governance
 from fedtune.checkpoint import (
     adapter_config_json,
+    atomic_write_text,
     checkpoint_record,
     load_checkpoint,
     load_tensors,
@@ -29,6 +30,9 @@ from fedtune.checkpoint import (
     to_peft_keys,
 )
 from fedtune.errors import require
+from fedtune.evaluate import EvalResult
+from fedtune.transparency.card import CARD_FILE, render_card
+from fedtune.transparency.digests import file_hashes
 from fedtune.models import lora_parameter_names
 from fedtune.server_optimizers import FedAvg, ServerOptimizer
 
@@ -124,10 +128,17 @@ class GlobalAdapter:
         if tensors:
             log.info("restored the %s moments of round %d (%d steps)", saved, self.round, self.optimizer.steps)
 
-    def commit(self, round_number: int, state: adapters.State, sites: list[str]) -> AdapterVersion:
-        """Make ``state`` the global adapter of ``round_number`` and checkpoint it atomically."""
+    def commit(self, round_number: int, state: adapters.State, sites: list[str],
+               extra: Optional[dict[str, Any]] = None) -> AdapterVersion:
+        """Make ``state`` the global adapter of ``round_number`` and checkpoint it atomically.
+
+        ``extra``: the round's further record fields (fedtune.transparency.content); the
+        record also states the digests of the files the round's directory will hold.
+        """
         parent = governance.record_hash(self.record) if self.record is not None else None
         record = governance.adapter_record(round_number, parent, self.identity, sites)
+        record.update(extra or {})
+        record["files"] = file_hashes(to_peft_keys(self.key_map, state), self.adapter_config)
         # The optimiser's file first: a crash before the checkpoint's rename leaves the previous
         # checkpoint, whose own file is still there; the older files go only once this round is in.
         save_tensors(self.optimizer_path(round_number), self.optimizer.state_dict(),
@@ -138,6 +149,11 @@ class GlobalAdapter:
         self._prune_optimizer_files(round_number)
         self.state, self.round, self.record = state, round_number, record
         return AdapterVersion(round_number, {n: v.copy() for n, v in state.items()}, record)
+
+    def write_card(self, version: AdapterVersion, evaluation: Optional[EvalResult]) -> None:
+        """``ADAPTER_CARD.md`` in the round's directory, once its evaluation is known."""
+        card = render_card(version.record, governance.record_hash(version.record), evaluation)
+        atomic_write_text(self.adapter_dir(version.round) / CARD_FILE, card)
 
     def _prune_optimizer_files(self, kept: int) -> None:
         for path in self.checkpoint_dir.glob(OPTIMIZER_FILE.replace("{:03d}", "*")):
