@@ -139,7 +139,7 @@ class SiteRecords:
             key: tuple = (repr(config.data), config.federation.num_sites)
             if key != self.key:
                 self.key, self.value = key, load_federated_data(config.data, config.federation.num_sites)
-            return site.site_records(context, self.value)  # type: ignore[arg-type]
+            return site.site_records(context, self.value, config)  # type: ignore[arg-type]
         from fedtune.deploy.site_data import data_files, load_site_records
 
         key = tuple((str(path), path.stat().st_mtime_ns) for path in data_files(self.deployed))

@@ -248,6 +248,13 @@ class VersionsConfig:
     # Promote a new version to current only if its held-out loss is at most its parent's
     # (on the same held-out set) plus this much; otherwise keep it unpromoted and say why.
     gate_tolerance: float = 0.0
+    # Simulation only: split each site's records into this many time-ordered cohorts (0: none),
+    # of which the first arrived_cohorts have arrived (null: all); a stream experiment raises it
+    # by one per version.  per_cohort_budget: each cohort has its own privacy.target_epsilon
+    # (fedtune.privacy.cohorts); false: one budget for the site's whole data, the baseline.
+    stream_cohorts: int = 0
+    arrived_cohorts: Optional[int] = None
+    per_cohort_budget: bool = True
 
 
 @dataclass
@@ -330,6 +337,12 @@ def validate_versions(v: VersionsConfig) -> None:
     require(math.isfinite(v.gate_tolerance) and v.gate_tolerance >= 0, "versions.gate_tolerance",
             f"{v.gate_tolerance} is not a finite number >= 0",
             "Use the largest rise in held-out loss a new version may show and still be promoted, e.g. 0 or 0.02.")
+    require(v.stream_cohorts >= 0, "versions.stream_cohorts", f"{v.stream_cohorts} < 0",
+            "Use 0 (no stream) or the number of cohorts to split each simulated site's data into, e.g. 4.")
+    if v.arrived_cohorts is not None:
+        require(v.stream_cohorts > 0 and 1 <= v.arrived_cohorts <= v.stream_cohorts, "versions.arrived_cohorts",
+                f"{v.arrived_cohorts} is not between 1 and versions.stream_cohorts={v.stream_cohorts}",
+                "Set versions.stream_cohorts first, and arrived_cohorts to at most it (or null: all arrived).")
 
 
 def validate_server_optimizer(f: FederationConfig) -> None:

@@ -1,4 +1,4 @@
-"""``fedtune experiment utility|audit|table``: the research harness on the command line."""
+"""``fedtune experiment utility|audit|stream|table``: the research harness on the command line."""
 
 from __future__ import annotations
 
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--confidence", type=float, default=None, help="confidence of the lower bound (0.95)")
     audit.add_argument("--seed", type=int, default=None, help="seed of the canaries, coins and training (0)")
 
+    stream = sub.add_parser("stream", help="continuous fine-tuning: per-cohort against whole-site budgets, "
+                                           "held-out utility per adapter version")
+    _common(stream)
+    stream.add_argument("--cohorts", type=int, default=None, help="cohorts per site = versions (4)")
+
     table = sub.add_parser("table", help="regenerate table.md and plots of a utility sweep from its results.csv")
     table.add_argument("directory", type=Path)
     return parser
@@ -158,6 +163,29 @@ def run_audit_command(args: argparse.Namespace) -> None:
     print("  audit.md, audit.json, canary_scores.csv, score_histograms.png, canaries.jsonl, experiment.json, runs/")
 
 
+def run_stream_command(args: argparse.Namespace) -> None:
+    from fedtune.experiments import stream
+    from fedtune.experiments.sweep import apply_overrides
+    from fedtune.experiments.utility import full_base, set_task
+
+    spec = stream.StreamSpec(engine="inprocess" if args.quick else "flower")
+    base = stream.quick_base() if args.quick else full_base()
+    if args.task is not None:
+        base = set_task(base, args.task)
+    base = apply_overrides(base, args.overrides)
+    if args.cohorts is not None:
+        if args.cohorts < 1:
+            raise ConfigError("--cohorts", f"{args.cohorts} < 1", "Use at least one cohort, e.g. --cohorts 4.")
+        spec.cohorts = args.cohorts
+    if args.engine is not None:
+        spec.engine = args.engine
+    out = args.out or DEFAULT_OUT / ("stream-quick" if args.quick else "stream")
+    _set_log_level(base.log_level)
+    print(stream.run_stream(spec, base, out))
+    print(f"Outputs: {out.resolve()}")
+    print(f"  {stream.CSV_NAME}, {stream.TABLE_NAME}, {stream.PLOT_NAME}, per_cohort/versions/, whole_site/versions/")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -165,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             run_utility_command(args)
         elif args.kind == "audit":
             run_audit_command(args)
+        elif args.kind == "stream":
+            run_stream_command(args)
         else:
             from fedtune.experiments.utility import CSV_NAME, render
 

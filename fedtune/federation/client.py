@@ -30,6 +30,7 @@ from fedtune import adapters
 from fedtune.config import FedtuneConfig
 from fedtune.data import FederatedData, Record
 from fedtune.data.cohorts import CohortedRecords, cohorted
+from fedtune.data.stream import stream_budgets, stream_records
 from fedtune.federation import protocol
 from fedtune.models import FingerprintedModel, lora_parameter_names, set_trainable, site_model
 from fedtune.privacy.dpsgd import DPSGDParams, train_locally
@@ -102,6 +103,7 @@ def site_settings(context: Context, cfg: FedtuneConfig, run_dir: Path) -> SiteSe
         release_train_loss=cfg.privacy.release_train_loss,
         policy=SitePolicy.permissive(secure_aggregation=cfg.secagg.enabled),
         identity=simulated_identity(str(run_dir), name, _simulated_sites(cfg.federation.num_sites, name)),
+        cohorts=stream_budgets(cfg),
     )
 
 
@@ -110,9 +112,10 @@ def _simulated_sites(num_sites: int, name: str) -> list[str]:
     return sorted({f"site-{i:02d}" for i in range(num_sites)} | {name})
 
 
-def site_records(context: Context, data: FederatedData) -> list[Record]:
-    """A simulated site's records: its partition of the pooled data."""
-    return data.site_records(int(context.node_config["partition-id"]))
+def site_records(context: Context, data: FederatedData, cfg: Optional[FedtuneConfig] = None) -> TrainingData:
+    """A simulated site's records: its partition of the pooled data (the arrived part of a stream)."""
+    records = data.site_records(int(context.node_config["partition-id"]))
+    return records if cfg is None else stream_records(records, cfg)
 
 
 def describe(msg: Message, site: SiteSettings) -> Message:

@@ -67,11 +67,11 @@ def close_version(opened: OpenVersion, cfg: FedtuneConfig, adapter_round: int, l
     if plan is None:
         return
     summary = json.loads((plan.dir / "summary.json").read_text())
+    trained = max(0, adapter_round - plan.first_round + 1)
     decision = gate.decide(summary.get("final_eval_loss"), plan.info().get("start_eval_loss"),
-                           cfg.versions.gate_tolerance, plan.parent is not None,
-                           max(0, adapter_round - plan.first_round + 1))
+                           cfg.versions.gate_tolerance, plan.parent is not None, trained)
     plan.update(finished=True, last_round=max(last_round, adapter_round), eval_loss=summary.get("final_eval_loss"),
-                promoted=decision.promoted, gate_reason=decision.reason)
+                rounds_trained=trained, promoted=decision.promoted, gate_reason=decision.reason)
     if decision.promoted:
         lineage.promote(plan.root, plan.number)
         log.info("version %s promoted to current: %s", plan.name, decision.reason)
