@@ -170,6 +170,10 @@ def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-de
     else:
         print(f"  log       {Path(cfg.run_dir) / LOG_FILE} (-v prints it here instead)\n", flush=True)
         summary = _simulate_quietly(cfg)
+    if summary.failure is not None:
+        print(f"\nfedtune: the run trained nothing: {summary.failure}\n  outputs and log: {summary.run_dir}",
+              file=sys.stderr)
+        raise SystemExit(1)
     print(f"\n{summary.stop_reason}: {summary.rounds_completed} round(s).")
     print(f"Outputs: {summary.run_dir}")
     print("  metrics.jsonl, privacy_report.json/.md, adapters/round_NNN/, rounds.png, config.yaml")

@@ -366,3 +366,16 @@ def test_gradient_checkpointing_is_the_sites_own_choice(fed_dir: Path, tmp_path:
     site = load_site_config(site_yaml, ["model_gradient_checkpointing=true"])
     server_cfg.model.gradient_checkpointing = False
     assert site_run_config(json.dumps(to_dict(server_cfg)), site).model.gradient_checkpointing
+
+
+def test_the_operator_reads_a_run_that_trained_nothing_as_a_failure(tmp_path: Path) -> None:
+    """`fedtune server` exits 1 when the run's summary says it trained nothing (operator._failure)."""
+    from fedtune.deploy.operator import _failure
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"rounds_completed": 3, "failed": None}))
+    assert _failure(summary) is None
+    summary.write_text(json.dumps({"rounds_completed": 0, "failed": "no site connected"}))
+    assert _failure(summary) == "no site connected"
+    summary.write_text("{broken")
+    assert "not a readable summary" in _failure(summary)

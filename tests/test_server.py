@@ -54,6 +54,9 @@ def test_round_loop_writes_outputs(tiny_cfg: FedtuneConfig) -> None:
         assert server_ledger.history(name) == site_ledger.history(name)
         assert entry["rounds"] == 2 and entry["steps"] == 2 * tiny_cfg.train.local_steps
     assert load_checkpoint(run / "checkpoint")[0] == 2
+    assert summary.failure is None and summary.rounds_aggregated == 2
+    written = json.loads((run / "summary.json").read_text())
+    assert written["failed"] is None and written["rounds_aggregated"] == 2
 
 
 def test_exhausted_sites_are_not_scheduled_and_run_ends(tiny_cfg: FedtuneConfig, caplog) -> None:
@@ -68,6 +71,7 @@ def test_exhausted_sites_are_not_scheduled_and_run_ends(tiny_cfg: FedtuneConfig,
     train_messages = [m for m in grid.sent if m.metadata.message_type == protocol.TRAIN]
     assert len(train_messages) == 3  # only round 1 was ever sent
     assert "not scheduling site-00" in caplog.text
+    assert summary.failure is None  # it trained a round before the budget ran out
 
 
 def test_budget_too_small_for_one_round_releases_nothing(tiny_cfg: FedtuneConfig) -> None:
@@ -80,6 +84,26 @@ def test_budget_too_small_for_one_round_releases_nothing(tiny_cfg: FedtuneConfig
     assert not (run / "adapters").exists()
     assert not (run / "sites").exists()  # no site was ever asked to train
     assert json.loads((run / "privacy_report.json").read_text())["sites"]["site-00"]["rounds"] == 0
+    # Training nothing is a failure, and the summary says why.
+    assert summary.failure == summary.stop_reason
+    assert json.loads((run / "summary.json").read_text())["failed"] == summary.stop_reason
+
+
+def test_a_run_whose_every_round_is_abandoned_failed(tiny_cfg: FedtuneConfig) -> None:
+    tiny_cfg.federation.num_rounds = 2
+    grid = InProcessGrid(make_client_app(tiny_cfg), 3, drop={100, 101, 102})
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), wait_timeout_s=0.5, show_progress=False)
+    assert summary.rounds_aggregated == 0 and summary.failure is not None
+    assert summary.failure == "every one of the 2 round(s) was abandoned: no usable sum of updates"
+    assert json.loads((Path(tiny_cfg.run_dir) / "summary.json").read_text())["failed"] == summary.failure
+
+
+def test_no_site_connected_is_a_failure_with_a_summary(tiny_cfg: FedtuneConfig) -> None:
+    grid = InProcessGrid(make_client_app(tiny_cfg), 0)
+    summary = run_server(grid, tiny_cfg, Path(tiny_cfg.run_dir), wait_timeout_s=0.2, show_progress=False)
+    assert summary.failure == "no site connected"
+    written = json.loads((Path(tiny_cfg.run_dir) / "summary.json").read_text())
+    assert written["failed"] == "no site connected" and written["rounds_completed"] == 0
 
 
 def test_silent_site_is_charged_by_the_server(tiny_cfg: FedtuneConfig) -> None:

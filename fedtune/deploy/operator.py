@@ -249,6 +249,15 @@ def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_runn
         return _serve(paths, fed, cfg, keep_running)
 
 
+def _failure(summary: Path) -> Optional[str]:
+    """The run's ``failed`` line from its summary.json (null: it trained), or why it is unreadable."""
+    try:
+        failed = json.loads(summary.read_text()).get("failed")
+    except (OSError, ValueError, AttributeError):
+        return f"{summary} is not a readable summary"
+    return None if failed is None else str(failed)
+
+
 def _serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_running: bool) -> int:
     from fedtune.simulation import write_resolved_config
 
@@ -266,7 +275,12 @@ def _serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_run
         # `flwr run --stream` exits 0 even when the ServerApp raised: the run only counts as
         # finished if it wrote its summary.
         if code == 0 and summary.exists() and summary.stat().st_mtime >= submitted - 1:
-            log.info("run finished in %.0f s; outputs in %s", time.monotonic() - started, paths.run_dir)
+            failed = _failure(summary)
+            if failed is None:
+                log.info("run finished in %.0f s; outputs in %s", time.monotonic() - started, paths.run_dir)
+            else:
+                log.error("the run trained nothing: %s; outputs in %s", failed, paths.run_dir)
+                code = 1
         else:
             log.error("the run did not finish (`flwr run` exit code %d, no new %s); see the log above and %s",
                       code, summary.name, superlink.log_path)

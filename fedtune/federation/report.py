@@ -35,6 +35,23 @@ class ServerSummary:
     rounds_completed: int
     stop_reason: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # The rounds this run set out to play (0: a resumed run that was already complete), and
+    # how many of them changed the global adapter.
+    rounds_to_play: int = 0
+    rounds_aggregated: int = 0
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the run trained nothing it was asked to, or None: a run that trained nothing failed.
+
+        Exiting 0 after "no site connected" or a budget spent before the first round made a
+        script, a sweep or a scheduler take an untrained adapter for a result.
+        """
+        if self.rounds_to_play == 0 or self.rounds_aggregated > 0:
+            return None
+        if self.stop_reason == "all rounds completed":
+            return f"every one of the {self.rounds_to_play} round(s) was abandoned: no usable sum of updates"
+        return self.stop_reason
 
 
 def round_row(round_number: int, outcome: RoundOutcome, sites: list["SiteInfo"], ledger: PrivacyLedger,
@@ -82,6 +99,16 @@ def privacy_report(cfg: FedtuneConfig, ledger: PrivacyLedger, sites: list["SiteI
     return report
 
 
+def write_failed_summary(summary: ServerSummary, run_id: Optional[str]) -> None:
+    """``summary.json`` of a run that stopped before its first round (no site connected)."""
+    atomic_write_text(summary.run_dir / "summary.json", json.dumps({
+        "rounds_completed": 0, "rounds_aggregated": 0, "stop_reason": summary.stop_reason,
+        "failed": summary.failure, "initial_eval_loss": None, "final_eval_loss": None, "sites": [],
+        "run_id": run_id,
+    }, indent=2))
+    log.error("%s: the run trained nothing", summary.stop_reason)
+
+
 def write_final_outputs(cfg: FedtuneConfig, summary: ServerSummary, ledger: PrivacyLedger, sites: list["SiteInfo"],
                         baseline: Optional[EvalResult]) -> None:
     """The privacy report, ``summary.json`` and the plots, once the rounds are over.
@@ -93,7 +120,10 @@ def write_final_outputs(cfg: FedtuneConfig, summary: ServerSummary, ledger: Priv
     initial = baseline.loss if baseline is not None else None
     atomic_write_text(run_dir / "summary.json", json.dumps({
         "rounds_completed": summary.rounds_completed,
+        "rounds_aggregated": summary.rounds_aggregated,
         "stop_reason": summary.stop_reason,
+        # Why the run trained nothing (fedtune simulate and fedtune server then exit 1); null if it did.
+        "failed": summary.failure,
         "initial_eval_loss": initial,
         "final_eval_loss": rows[-1].get("eval_loss") if rows else initial,
         "sites": [s.name for s in sites],

@@ -37,7 +37,7 @@ from fedtune.federation.evaluator import (
 )
 from fedtune.federation.membership import SiteInfo, connect_sites, note_attendance
 from fedtune.federation.plain_server import PlainAggregation
-from fedtune.federation.report import ServerSummary, round_row, write_final_outputs
+from fedtune.federation.report import ServerSummary, round_row, write_failed_summary, write_final_outputs
 from fedtune.federation.rounds import RoundContext, RoundOutcome, RoundProtocol
 from fedtune.federation.run_files import run_id_of
 from fedtune.federation.scheduling import Scheduler, exhausted_reason, round_config
@@ -89,6 +89,8 @@ class ServerRun:
     protocol: RoundProtocol
     scheduler: Scheduler
     sites: list[SiteInfo] = field(default_factory=list)
+    # Rounds of this run whose sum changed the global adapter (an abandoned round does not).
+    rounds_aggregated: int = 0
     def play(self, round_number: int, finisher: RoundFinisher) -> Optional[str]:
         """One round, start to commit; returns why the run stops, or None to go on."""
         rc = round_config(self.cfg, round_number, self.built.fingerprint)
@@ -122,6 +124,7 @@ class ServerRun:
             version = self.adapter.commit(round_number, self.strategy.apply(self.adapter.state, step),
                                           outcome.participants,
                                           round_content(self.context.ledger, self.sites, self.cfg.privacy.enabled))
+            self.rounds_aggregated += 1
         else:
             log.warning("round %d produced no usable sum; the global adapter is unchanged", round_number)
         row["aggregation_seconds"] = time.perf_counter() - aggregation_started
@@ -189,13 +192,16 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data))
     run.sites = connect_sites(grid, cfg.federation.num_sites, wait_timeout_s, enrolled)
     if not run.sites:
-        return ServerSummary(run_dir, 0, "no site connected")
+        summary = ServerSummary(run_dir, 0, "no site connected", rounds_to_play=cfg.federation.num_rounds)
+        write_failed_summary(summary, run.context.ledger.run)
+        return summary
     baseline = evaluator.evaluate(run.adapter.state)
     log_baseline(baseline, start_round)
     continual.note_start(opened, start_round, baseline.result.loss if baseline.result is not None else None)
     finish_interrupted_round(run_dir, run.adapter, baseline, table)
     first = opened.first_round
-    summary = ServerSummary(run_dir, start_round - first, "all rounds completed")
+    summary = ServerSummary(run_dir, start_round - first, "all rounds completed",
+                            rounds_to_play=max(0, first + cfg.federation.num_rounds - start_round))
     bar = table.bar(range(start_round, first + cfg.federation.num_rounds))
     last_begun = start_round - 1
     with RoundFinisher(evaluator, run.adapter, run_dir, table) as finisher:
@@ -208,6 +214,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
             summary.rounds_completed = round_number - first + 1
     bar.close()
     summary.rows = finisher.rows
+    summary.rounds_aggregated = run.rounds_aggregated
     write_final_outputs(cfg, summary, run.context.ledger, run.sites, baseline.result)
     continual.close_version(opened, cfg, run.adapter.round, last_begun)
     return summary
