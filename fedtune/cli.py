@@ -45,6 +45,8 @@ commands:
                     `fedtune record verify DIR`
   merge             merge adapters of one base model with peft: `fedtune merge A B --method ties --out DIR`
   export            an adapter as Hugging Face files: `fedtune export ADAPTER --out DIR [--merge]`
+  distil            a small student imitating an adapter on public data:
+                    `fedtune distil --teacher ADAPTER --student MODEL_DIR --data FILE --public --out DIR`
 
 fedtune simulate [-v] [OVERRIDE ...] [--multirun]
 
@@ -72,6 +74,7 @@ SUBCOMMANDS: dict[str, str] = {
     "record": "fedtune.transparency.verify:main",
     "merge": "fedtune.derive_cli:merge_main",
     "export": "fedtune.derive_cli:export_main",
+    "distil": "fedtune.derive_cli:distil_main",
 }
 
 

@@ -98,3 +98,46 @@ def export_main(argv: Sequence[str]) -> None:
             print(f"load      PeftModel.from_pretrained(base, '{result.out}'), base: {base}")
 
     _run_guarded("fedtune export", body)
+
+
+def distil_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune distil", description="Train a LoRA adapter on a small student "
+                                     "model to imitate a teacher adapter, on data declared public (then it is "
+                                     "post-processing of the teacher and costs no privacy).")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP + " (teacher)")
+    parser.add_argument("--teacher", required=True, metavar="ADAPTER", help=ADAPTER_HELP)
+    parser.add_argument("--student", required=True, metavar="MODEL_DIR", help="a local Hugging Face causal LM")
+    parser.add_argument("--data", required=True, metavar="FILE", help="JSONL records in the teacher run's format")
+    parser.add_argument("--public", action="store_true", help="declare --data public (required; recorded)")
+    parser.add_argument("--out", required=True, help="the folder to write (refused if it exists)")
+    parser.add_argument("--steps", type=int, default=50, help="optimiser steps (50)")
+    parser.add_argument("--batch-size", type=int, default=8, help="records a step (8)")
+    parser.add_argument("--learning-rate", type=float, default=0.01, help="Adam's step size (0.01)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="token-level KL temperature (1.0)")
+    parser.add_argument("--rank", type=int, default=None, help="the student's LoRA rank (default: the teacher's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order (0)")
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="sequence-level: tokens the teacher writes a record (48)")
+    parser.add_argument("--prompt-chars", type=int, default=24,
+                        help="sequence-level: a text record's opening characters the teacher continues (24)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def distil_main(argv: Sequence[str]) -> None:
+    """``fedtune distil --teacher ADAPTER --student MODEL_DIR --data FILE --public --out DIR``."""
+    args = distil_parser().parse_intermixed_args(list(argv))
+
+    def body() -> None:
+        from fedtune.distil import DistilRequest, distil
+
+        result = distil(DistilRequest(args.teacher, args.student, args.data, args.out, args.public, args.steps,
+                                      args.batch_size, args.learning_rate, args.temperature, args.rank, args.seed,
+                                      args.max_new_tokens, args.prompt_chars, args.overrides, args.overwrite))
+        method = result.record["method"]
+        print(f"distilled {method['mode']}-level, {method['steps']} steps: loss {method['first_step_loss']:.4f} "
+              f"-> {method['final_loss']:.4f}")
+        print(f"student   {result.out} (record {result.record_hash[:12]}, teacher {result.record['parents'][0][:12]})")
+        print(f"evaluate  fedtune evaluate {args.teacher} {result.out} data.path=FILE --baseline")
+
+    _run_guarded("fedtune distil", body)

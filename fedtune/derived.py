@@ -139,7 +139,8 @@ def _epsilon_text(privacy: dict[str, Any]) -> str:
 def card_text(record: dict[str, Any]) -> str:
     """``ADAPTER_CARD.md``: the record in words, for a person deciding whether to use or publish it."""
     base = record["base_model"]
-    lines = [f"# Adapter card: {record['kind']}d adapter", "",
+    title = {"merge": "merged adapter", "distil": "distilled student adapter"}.get(record["kind"], record["kind"])
+    lines = [f"# Adapter card: {title}", "",
              f"- base model: {base.get('name_or_path')} (fingerprint `{base.get('fingerprint')}`)",
              f"- task: {base.get('task')}; LoRA rank {record['lora'].get('r')}, targets "
              f"{', '.join(record['lora'].get('target_modules', []))}",

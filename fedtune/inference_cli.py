@@ -101,6 +101,10 @@ def _print_table(results: list[tuple[Any, Any]]) -> None:
         value = evaluation.result.accuracy if second == "accuracy" else evaluation.result.perplexity
         note = f"   ({evaluation.records} records: {evaluation.source})" if len(sources) > 1 else ""
         print(f"{str(run.adapter_dir):<{width}}  {kind:<7} {evaluation.result.loss:>8.4f} {value:>10.4f}{note}")
+        if evaluation.baseline is not None:
+            base = evaluation.baseline
+            value = base.accuracy if second == "accuracy" else base.perplexity
+            print(f"{'  its base model (--baseline)':<{width}}  {'base':<7} {base.loss:>8.4f} {value:>10.4f}")
 
 
 def evaluate_main(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import ByT5Tokenizer
 
 from fedtune.data.demo import demo_corpus
 from fedtune.experiments.engine import run_inprocess
@@ -38,18 +39,30 @@ def _write_notes(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def base_model_dir(factory: pytest.TempPathFactory, seed: int = 0, name: str = "base", **tiny: int) -> Path:
-    """The tiny causal Llama (``model.seed``, ``model.tiny.*`` as the tests' config) saved as an HF folder."""
+def base_model_dir(factory: pytest.TempPathFactory, seed: int = 0, name: str = "base", extra_ids: int = 0,
+                   **tiny: int) -> Path:
+    """The tiny causal Llama (``model.seed``, ``model.tiny.*`` as the tests' config) saved as an HF folder.
+
+    ``extra_ids`` > 0 gives it another vocabulary (the byte tokenizer with sentinel tokens).
+    """
     directory = _root(factory) / name
     if not (directory / "config.json").is_file():
         cfg = tiny_config(Path("unused"))
         cfg.model.seed = seed
         for key, value in tiny.items():
             setattr(cfg.model.tiny, key, value)
-        tokenizer = build_tokenizer()
+        tokenizer = ByT5Tokenizer(extra_ids=extra_ids) if extra_ids else build_tokenizer()
         build_tiny_model(get_task("causal_lm"), cfg.model, vocab_size=len(tokenizer)).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def public_notes(factory: pytest.TempPathFactory, speciality: str, count: int = 1000) -> Path:
+    """At most ``count`` notes of ``speciality`` from a third seed: the distillation tests' public data."""
+    path = _root(factory) / f"public_{speciality}_{count}.jsonl"
+    if not path.is_file():
+        _write_notes(path, [r for r in demo_corpus(480, seed=11) if r.group == speciality][:count])
+    return path
 
 
 def held_out(factory: pytest.TempPathFactory, speciality: str) -> Path:
