@@ -15,6 +15,13 @@ CARD_FILE = "ADAPTER_CARD.md"
 RECORD_HASH_LINE = "Record SHA-256: "
 
 
+def _eps(value: Any) -> str:
+    """ε as a person reads it: three decimals, ∞, or unknown."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.3f}"
+    return "∞" if value == "inf" else "unknown"
+
+
 def _method(record: dict[str, Any]) -> list[str]:
     method = record.get("method", {})
     dp = method.get("dp_sgd", {})
@@ -36,15 +43,15 @@ def _sites(record: dict[str, Any]) -> list[str]:
     disclosures = record.get("disclosures", {})
     for site, spent in sorted(record.get("privacy", {}).items()):
         took_part = "trained this round" if site in record.get("sites", []) else "did not train this round"
-        lines.append(f"- **{site}** ({took_part}): ε = {spent.get('epsilon')} at δ = {spent.get('delta')} "
+        lines.append(f"- **{site}** ({took_part}): ε = {_eps(spent.get('epsilon'))} at δ = {spent.get('delta')} "
                      f"({spent.get('accountant')}, all versions so far"
                      f"{'; an upper bound on each of its cohorts' if spent.get('per_cohort_budget') else ''})")
         for key, value in sorted(disclosures.get(site, {}).get("manifest", {}).items()):
             lines.append(f"  - {key}: {value}")
         for cohort in disclosures.get(site, {}).get("cohorts", []):
             lines.append(f"  - cohort {cohort['name']} (period {cohort.get('period')}, {cohort.get('records')} "
-                         f"records): ε = {cohort.get('epsilon')} of {cohort.get('budget_epsilon')} as the site "
-                         f"reported it, commitment HMAC-SHA256 {cohort['commitment']}")
+                         f"records): ε = {_eps(cohort.get('epsilon'))} of {_eps(cohort.get('budget_epsilon'))} as "
+                         f"the site reported it, commitment HMAC-SHA256 {cohort['commitment']}")
     return lines or ["- none"]
 
 
@@ -59,7 +66,8 @@ def render_card(record: dict[str, Any], record_hash: str, evaluation: Optional[E
              f"- Date: {record.get('date')}",
              f"- Parent record: {record.get('parent') or 'none (first version)'}"
              + (f" (parent version {version.get('parent')})" if version.get("parent") else ""),
-             f"- Base model: {base.get('name_or_path')}, fingerprint {base.get('fingerprint')}, task {base.get('task')}",
+             f"- Base model: {base.get('name_or_path')}, fingerprint {base.get('fingerprint')}, "
+             f"task {base.get('task')}",
              f"- Files: {record.get('files')}", "", "## Method", *_method(record), "",
              "## Sites and their data (by pseudonym; only what each site chose to disclose)", *_sites(record), "",
              "## Evaluation", f"- Held-out: {held_out}", "",
