@@ -255,6 +255,9 @@ class VersionsConfig:
     stream_cohorts: int = 0
     arrived_cohorts: Optional[int] = None
     per_cohort_budget: bool = True
+    # `fedtune server` only: start a new version this many hours after the last one started,
+    # until stopped (null: one version per command).
+    every_hours: Optional[float] = None
 
 
 @dataclass
@@ -337,6 +340,10 @@ def validate_versions(v: VersionsConfig) -> None:
     require(math.isfinite(v.gate_tolerance) and v.gate_tolerance >= 0, "versions.gate_tolerance",
             f"{v.gate_tolerance} is not a finite number >= 0",
             "Use the largest rise in held-out loss a new version may show and still be promoted, e.g. 0 or 0.02.")
+    if v.every_hours is not None:
+        require(v.enabled and math.isfinite(v.every_hours) and v.every_hours > 0, "versions.every_hours",
+                f"{v.every_hours} is not a positive number of hours, or versions.enabled is false",
+                "Set versions.enabled=true and a positive interval, e.g. versions.every_hours=24, or null.")
     require(v.stream_cohorts >= 0, "versions.stream_cohorts", f"{v.stream_cohorts} < 0",
             "Use 0 (no stream) or the number of cohorts to split each simulated site's data into, e.g. 4.")
     if v.arrived_cohorts is not None:

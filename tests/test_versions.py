@@ -96,3 +96,33 @@ def test_gate_tolerance_is_validated(tiny_cfg: FedtuneConfig) -> None:
         tiny_cfg.versions.gate_tolerance = bad
         with pytest.raises(ConfigError, match="versions.gate_tolerance"):
             validate(tiny_cfg)
+
+
+def test_a_schedule_starts_versions_start_to_start_and_stops_on_a_failure(tiny_cfg: FedtuneConfig) -> None:
+    import threading
+
+    from fedtune.deploy.schedule import run_on_schedule
+
+    now = [0.0]
+    starts: list[float] = []
+    waited: list[float] = []
+
+    class Clock(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waited.append(float(timeout or 0))
+            now[0] += float(timeout or 0)
+            return False
+
+    def serve() -> int:
+        starts.append(now[0])
+        now[0] += 600.0  # a version takes ten minutes
+        return 0
+
+    assert run_on_schedule(serve, 1.0, stop=Clock(), max_versions=3, clock=lambda: now[0]) == 0
+    assert starts == [0.0, 3600.0, 7200.0] and waited == [3000.0, 3000.0]
+    assert run_on_schedule(lambda: 3, 1.0, stop=Clock(), clock=lambda: now[0]) == 3
+    tiny_cfg.versions.every_hours = 24.0
+    with pytest.raises(ConfigError, match="versions.every_hours"):
+        validate(tiny_cfg)  # a schedule of versions needs versions.enabled
+    tiny_cfg.versions.enabled = True
+    validate(tiny_cfg)

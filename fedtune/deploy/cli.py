@@ -148,7 +148,11 @@ def server_main(argv: list[str]) -> None:
         cfg = load_server_config(paths, fed, args.config, args.overrides)
     except ConfigError as exc:
         _fail(exc)
-    raise SystemExit(serve(paths, fed, cfg, keep_running=args.keep_running))
+    if cfg.versions.every_hours is None:
+        raise SystemExit(serve(paths, fed, cfg, keep_running=args.keep_running))
+    from fedtune.deploy.schedule import run_on_schedule
+
+    raise SystemExit(run_on_schedule(lambda: serve(paths, fed, cfg), cfg.versions.every_hours))
 
 
 def fingerprint_main(argv: list[str]) -> None:
