@@ -118,10 +118,13 @@ def mismatched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One-round adapters that must not be merged with the speciality runs'."""
     quick = dict(federation__num_rounds=1, train__local_steps=1)
     other_base = base_model_dir(tmp_path_factory, seed=1, name="base-seed1")
+    rank_eight = tmp_path_factory.mktemp("cat") / "rank8"  # a merge of merges: cat sums the ranks
+    _merge([str(adapter(speciality_run(tmp_path_factory, "cardiology"))),
+            str(adapter(speciality_run(tmp_path_factory, "dermatology"))), "--method", "cat", "--out", str(rank_eight)])
     return {"base": adapter(speciality_run(tmp_path_factory, "cardiology", model__path=str(other_base), **quick), 1),
             "targets": adapter(speciality_run(tmp_path_factory, "cardiology", **quick,
                                               model__lora=_lora(target_modules=["q_proj", "v_proj"])), 1),
-            "rank": adapter(speciality_run(tmp_path_factory, "cardiology", **quick, model__lora=_lora(rank=2)), 1)}
+            "rank": rank_eight}
 
 
 def _lora(**changes: Any) -> Any:
@@ -136,7 +139,7 @@ def _lora(**changes: Any) -> Any:
 REFUSALS = {
     "base": (["--method", "task_arithmetic"], ["another base model", "fingerprint", "one base model"]),
     "targets": (["--method", "task_arithmetic"], ["adapts", "model.lora.target_modules"]),
-    "rank": (["--method", "ties"], ["rank 2", "--method task_arithmetic"]),
+    "rank": (["--method", "ties"], ["rank 8", "--method task_arithmetic"]),
 }
 
 
@@ -181,3 +184,23 @@ def test_merged_adapter_loads_with_peft_onto_the_base_model(sources, tmp_path: P
     base = AutoModelForCausalLM.from_pretrained(base_model_dir(tmp_path_factory))
     model = PeftModel.from_pretrained(base, str(out))
     assert model.peft_config["default"].r == 8  # cat: the sum of the ranks
+
+
+def test_a_ties_merge_is_peft_add_weighted_adapter_on_the_same_adapters(sources, tmp_path: Path,
+                                                                         tmp_path_factory: pytest.TempPathFactory
+                                                                         ) -> None:
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ties"
+    _merge([str(sources[0]), str(sources[1]), "--method", "ties", "--weights", "0.6", "0.4", "--density", "0.3",
+            "--out", str(out)])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir(tmp_path_factory)),
+                                      str(sources[0]), adapter_name="a")
+    model.load_adapter(str(sources[1]), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.6, 0.4], "m", combination_type="ties", density=0.3)
+    expected = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model, adapter_name="m").items()}
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert set(saved) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(saved[key], value)
