@@ -104,6 +104,52 @@ def connect_sites(grid: Grid, count: int, timeout_s: float, enrolled: Optional[d
     return sites
 
 
+class SiteDirectory:
+    """The run's nodes, and the sites among them described so far.
+
+    Without ``federation.sites_per_round`` every site trains every round, so every one is
+    described before the first (:func:`connect_sites`).  With it, a federation of thousands
+    of simulated sites used to spend minutes asking each to describe itself (a message
+    through Ray per site) before the first round, and gave up at ``wait_for_sites_s``; a
+    site is now described at its first contact, when a round's sample first draws it, so a
+    round costs messages for the sites it asks, and the reports cover the sites that were.
+    ``sites`` is the list of described sites, sorted by name, and grows in place.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int], sites: list[SiteInfo], timeout_s: float,
+                 enrolled: Optional[dict[int, str]]) -> None:
+        self.grid, self.node_ids, self.sites = grid, node_ids, sites
+        self.timeout_s, self.enrolled = timeout_s, enrolled
+        self._by_node = {s.node_id: s for s in sites}
+        self._names = {s.name for s in sites}
+
+    def describe(self, node_ids: list[int]) -> list[SiteInfo]:
+        """The sites of ``node_ids`` (in their order), asking those not yet described; silent ones are left out."""
+        unknown = [n for n in node_ids if n not in self._by_node]
+        if unknown:
+            for site in discover_sites(self.grid, unknown, self.timeout_s, self.enrolled):
+                if site.name in self._names:
+                    log.error("node %d claims to be site %r, which another node already is; ignoring it",
+                              site.node_id, site.name)
+                    continue
+                self._by_node[site.node_id] = site
+                self._names.add(site.name)
+                self.sites.append(site)
+            self.sites.sort(key=lambda s: s.name)
+        return [self._by_node[n] for n in node_ids if n in self._by_node]
+
+
+def open_directory(grid: Grid, count: int, timeout_s: float, enrolled: Optional[dict[int, str]],
+                   describe_all: bool) -> SiteDirectory:
+    """The run's directory: every site described now (``describe_all``), or each at first contact."""
+    if describe_all:
+        sites = connect_sites(grid, count, timeout_s, enrolled)
+        return SiteDirectory(grid, [s.node_id for s in sites], sites, timeout_s, enrolled)
+    node_ids = wait_for_nodes(grid, count, timeout_s)
+    log.info("%d nodes connected; each site describes itself when a round first samples it", len(node_ids))
+    return SiteDirectory(grid, node_ids, [], timeout_s, enrolled)
+
+
 def reachable(grid: Grid, eligible: list[SiteInfo], needed: int, wait_timeout_s: float,
               enrolled: Optional[dict[int, str]]) -> list[SiteInfo]:
     """The eligible sites that can take part now.

@@ -3,7 +3,8 @@
 The server dictates σ, q and the number of steps, so it computes each site's ε from its
 own ledger and never schedules a round that would take a site past its budget; the
 site checks again on its side.  Which of the affordable sites are asked is a seeded
-sample when ``federation.sites_per_round`` is set.
+sample when ``federation.sites_per_round`` is set, drawn without first describing every site
+(:class:`~fedtune.federation.membership.SiteDirectory`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedtune.config import FedtuneConfig
 from fedtune.federation import protocol
-from fedtune.federation.membership import SiteInfo, reachable
+from fedtune.federation.membership import SiteDirectory, SiteInfo, reachable
 from fedtune.privacy.calibration import noise_multiplier
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.tasks import training_settings
@@ -81,11 +82,30 @@ class Scheduler:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def select(self, sites: list[SiteInfo], rc: protocol.RoundConfig) -> Optional[list[SiteInfo]]:
+    def select(self, directory: SiteDirectory, rc: protocol.RoundConfig) -> Optional[list[SiteInfo]]:
         """The sites of round ``rc.round`` sorted by name; None when no site can afford it."""
-        eligible = affordable(sites, rc, self.ledger)
+        if self.sites_per_round is None:
+            eligible = affordable(directory.sites, rc, self.ledger)
+        else:
+            eligible = self._draw(directory, rc, self.sites_per_round)
         if not eligible:
             return None
         ready = reachable(self.grid, eligible, self.min_sites, self.wait_timeout_s, self.enrolled)
         count = min(len(ready), self.sites_per_round or len(ready))
         return sorted(self.rng.sample(ready, count), key=lambda s: s.name)
+
+    def _draw(self, directory: SiteDirectory, rc: protocol.RoundConfig, wanted: int) -> list[SiteInfo]:
+        """Up to ``wanted`` affordable sites, drawn uniformly: nodes in a seeded random order,
+        each described at its first draw, until enough afford the round or every node was tried.
+
+        Spent and refusing sites are skipped without a message, so a round asks about as many
+        sites as it needs, however many the federation has.
+        """
+        order = self.rng.sample(directory.node_ids, len(directory.node_ids))
+        eligible: list[SiteInfo] = []
+        start = 0
+        while len(eligible) < wanted and start < len(order):
+            batch = order[start:start + wanted - len(eligible)]
+            start += len(batch)
+            eligible += affordable(directory.describe(batch), rc, self.ledger)
+        return eligible

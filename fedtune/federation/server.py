@@ -35,7 +35,7 @@ from fedtune.federation.evaluator import (
     held_out_records,
     log_baseline,
 )
-from fedtune.federation.membership import SiteInfo, connect_sites, note_attendance
+from fedtune.federation.membership import SiteDirectory, SiteInfo, note_attendance, open_directory
 from fedtune.federation.plain_server import PlainAggregation
 from fedtune.federation.report import ServerSummary, round_row, write_failed_summary, write_final_outputs
 from fedtune.federation.rounds import RoundContext, RoundOutcome, RoundProtocol
@@ -88,13 +88,15 @@ class ServerRun:
     context: RoundContext
     protocol: RoundProtocol
     scheduler: Scheduler
+    directory: SiteDirectory = field(init=False)
+    # The sites described so far (all, unless a round samples federation.sites_per_round of them).
     sites: list[SiteInfo] = field(default_factory=list)
     # Rounds of this run whose sum changed the global adapter (an abandoned round does not).
     rounds_aggregated: int = 0
     def play(self, round_number: int, finisher: RoundFinisher) -> Optional[str]:
         """One round, start to commit; returns why the run stops, or None to go on."""
         rc = round_config(self.cfg, round_number, self.built.fingerprint)
-        selected = self.scheduler.select(self.sites, rc)
+        selected = self.scheduler.select(self.directory, rc)
         if selected is None:
             reason = exhausted_reason(rc)
             log.warning("stopping: %s", reason)
@@ -190,8 +192,10 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     table = RoundTable(show_progress, progress_file)
     run, start_round = prepare(grid, cfg, run_dir, options)
     evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data))
-    run.sites = connect_sites(grid, cfg.federation.num_sites, wait_timeout_s, enrolled)
-    if not run.sites:
+    run.directory = open_directory(grid, cfg.federation.num_sites, wait_timeout_s, enrolled,
+                                   describe_all=cfg.federation.sites_per_round is None)
+    run.sites = run.directory.sites
+    if not run.directory.node_ids:
         summary = ServerSummary(run_dir, 0, "no site connected", rounds_to_play=cfg.federation.num_rounds)
         write_failed_summary(summary, run.context.ledger.run)
         return summary
