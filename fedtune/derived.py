@@ -16,7 +16,6 @@ the ``config.yaml`` that rebuilds its base model, ``adapter_record.json`` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -30,6 +29,8 @@ from fedtune.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors, save_ada
 from fedtune.config import FedtuneConfig
 from fedtune.governance import RECORD_FILE, record_hash, record_text
 from fedtune.inference import RUN_CONFIG, AdapterRun, UsageError
+from fedtune.transparency.card import RECORD_HASH_LINE
+from fedtune.transparency.digests import file_hashes, tensors_sha256
 
 CARD_FILE = "ADAPTER_CARD.md"
 PRIVACY_REPORT = "privacy_report.json"
@@ -86,25 +87,13 @@ def source_privacy(run: AdapterRun) -> dict[str, Any]:
             "note": "each site's epsilon at the end of its run: an upper bound for an earlier round's adapter"}
 
 
-def weights_digest(state: dict[str, np.ndarray]) -> str:
-    """SHA-256 over an adapter's tensors (key, dtype, shape, bytes, in key order).
-
-    A round's record does not commit to its weights, and two runs of one configuration
-    write equal records; the digest tells their adapters apart in a derived record.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        value = np.ascontiguousarray(state[key])
-        digest.update(json.dumps([key, str(value.dtype), list(value.shape)]).encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
 def source_entry(run: AdapterRun) -> dict[str, Any]:
     """What a derived record says of one source: where it was, its record and weights hashes, sites, guarantee."""
     record = require_record(run)
     return {"adapter": str(run.adapter_dir), "record_hash": record_hash(record),
-            "weights_sha256": weights_digest(load_tensors(run.adapter_dir / WEIGHTS_FILE)[1]),
+            # A round's record states its weights' digest; an older one's is computed here, the same way.
+            "weights_sha256": (record.get("files") or {}).get("weights_sha256")
+            or tensors_sha256(load_tensors(run.adapter_dir / WEIGHTS_FILE)[1]),
             "round": record.get("round"),
             "sites": sorted(record.get("sites") or []), "base_model": record.get("base_model"),
             "privacy": source_privacy(run)}
@@ -145,7 +134,8 @@ def card_text(record: dict[str, Any]) -> str:
              f"- task: {base.get('task')}; LoRA rank {record['lora'].get('r')}, targets "
              f"{', '.join(record['lora'].get('target_modules', []))}",
              f"- method: {json.dumps(record['method'], sort_keys=True)}",
-             f"- fedtune {record['fedtune_version']}", "", "## Privacy", "", record["privacy"]["statement"], "",
+             f"- fedtune {record['fedtune_version']}", "", f"{RECORD_HASH_LINE}`{record_hash(record)}`", "",
+             "## Privacy", "", record["privacy"]["statement"], "",
              "## Sources", "", "| adapter | record hash | round | sites | guarantee |", "| --- | --- | --- | --- | --- |"]
     for source in record["sources"]:
         lines.append(f"| {source['adapter']} | `{source['record_hash'][:16]}` | {source.get('round')} | "
@@ -176,12 +166,14 @@ def write_derived_adapter(out: Path, model: PeftModel, adapter_name: str, cfg: F
 
     The tensors are peft's saved keys (``get_peft_model_state_dict``: no adapter name in
     them), so ``PeftModel.from_pretrained(base, out)`` loads them as the default adapter.
-    The record gains the digest of those tensors (``weights_sha256``); it is returned as written.
+    The record gains the digests of those tensors and of the config (``files``, as a round's
+    record states them, :mod:`fedtune.transparency.digests`); it is returned as written.
     """
     state = {key: np.ascontiguousarray(value.detach().float().cpu().numpy())
              for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
-    record = {**record, "weights_sha256": weights_digest(state)}
+    adapter_config = adapter_config_text(model, adapter_name)
+    record = {**record, "files": file_hashes(state, adapter_config)}
     files = {RUN_CONFIG: config_yaml(cfg), RECORD_FILE: record_text(record), CARD_FILE: card_text(record),
              **(extra_files or {})}
-    save_adapter_dir(out, state, adapter_config_text(model, adapter_name), files)
+    save_adapter_dir(out, state, adapter_config, files)
     return record

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from fedtune import governance
 from fedtune.cli import main
 from fedtune.inference import load_adapter_model
+from fedtune.transparency.digests import tensors_sha256
 from derived_runs import adapter, base_model_dir, held_out, speciality_run
 
 TEXT = "Cardiology clinic note. A 64 year old female presents with chest pain"
@@ -109,8 +110,10 @@ def test_the_merged_record_lists_its_parents_sites_and_epsilon(sources, tmp_path
         assert source["sites"] == ["site-00", "site-01"] and source["adapter"] == str(directory)
         assert source["privacy"]["epsilon_by_site"] == {k: v["epsilon"] for k, v in report["sites"].items()}
     assert record["sources"][0]["weights_sha256"] != record["sources"][1]["weights_sha256"]
+    assert record["files"]["weights_sha256"] == tensors_sha256(load_file(str(out / "adapter_model.safetensors")))
     card = (out / "ADAPTER_CARD.md").read_text()
     assert "costs no privacy" in card and record["parents"][0][:16] in card and "ε=" in card
+    assert f"Record SHA-256: `{governance.record_hash(record)}`" in card
 
 
 @pytest.fixture(scope="module")
