@@ -260,7 +260,10 @@ def run_plans(plans: Sequence[tuple[Setting, FedtuneConfig]], out_dir: Path, eng
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run_federation(cfg, engine)
+                summary = run_federation(cfg, engine)
+            if summary.failure is not None:
+                log.warning("run %s trained nothing (%s): its row holds the untrained adapter's numbers",
+                            setting.key, summary.failure)
             row = result_row(setting, cfg, read_run(run_dir), time.perf_counter() - started, run_dir, out_dir)
             atomic_write_text(run_dir / RESULT_FILE,
                               json.dumps({"config_hash": config_hash(cfg), "row": row}, indent=2))
