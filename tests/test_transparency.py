@@ -157,3 +157,36 @@ def test_no_record_card_or_log_line_carries_record_text_and_verify_detects_tampe
         fedtune_main(["record", "verify", str(rewritten)])
     assert failed.value.code == 1 and "FAILED" in capsys.readouterr().out
     assert rounds.is_dir()
+
+
+class _DescribeGrid:
+    """Nodes that answer `describe` with the given site records (what a hostile or broken site may send)."""
+
+    def __init__(self, infos: list[dict]) -> None:
+        self.infos = infos
+
+    def send_and_receive(self, messages, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        replies = []
+        for msg, info in zip(messages, self.infos):
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            replies.append(Message(RecordDict({protocol.SITE: ConfigRecord(info)}), reply_to=msg))
+        return replies
+
+
+def test_the_server_reads_a_sites_cohort_flag_and_disclosure_strictly() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.federation.membership import discover_sites
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    good = json.dumps({"manifest": {"licence": "CC0"}})
+    base = {"budget_epsilon": 8.0, "delta": 1e-5, "require_privacy": True}
+    infos = [{**base, "site": "a", "per_cohort_budget": True, "disclosure": good},
+             {**base, "site": "b", "per_cohort_budget": "yes", "disclosure": "{\"manifest\": [1]}"},
+             {**base, "site": "c", "per_cohort_budget": 1, "disclosure": "x" * 70000}]
+    sites = {s.name: s for s in discover_sites(_DescribeGrid(infos), [1, 2, 3], timeout_s=1.0)}  # type: ignore[arg-type]
+    assert sites["a"].per_cohort_budget and sites["a"].disclosure == {"manifest": {"licence": "CC0"}}
+    assert not sites["b"].per_cohort_budget and sites["b"].disclosure == {}
+    assert not sites["c"].per_cohort_budget and sites["c"].disclosure == {}
