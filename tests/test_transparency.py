@@ -186,7 +186,8 @@ def test_the_server_reads_a_sites_cohort_flag_and_disclosure_strictly() -> None:
     infos = [{**base, "site": "a", "per_cohort_budget": True, "disclosure": good},
              {**base, "site": "b", "per_cohort_budget": "yes", "disclosure": "{\"manifest\": [1]}"},
              {**base, "site": "c", "per_cohort_budget": 1, "disclosure": "x" * 70000}]
-    sites = {s.name: s for s in discover_sites(_DescribeGrid(infos), [1, 2, 3], timeout_s=1.0)}  # type: ignore[arg-type]
+    grid = _DescribeGrid(infos)
+    sites = {s.name: s for s in discover_sites(grid, [1, 2, 3], timeout_s=1.0)}  # type: ignore[arg-type]
     assert sites["a"].per_cohort_budget and sites["a"].disclosure == {"manifest": {"licence": "CC0"}}
     assert not sites["b"].per_cohort_budget and sites["b"].disclosure == {}
     assert not sites["c"].per_cohort_budget and sites["c"].disclosure == {}
