@@ -65,6 +65,10 @@ def run_site(site: SiteConfig, stop_event: Optional[threading.Event] = None) -> 
     # Data checks (δ against the record count, labels against the declared classes) run
     # now, before the site can be asked for a round: see fedtune.deploy.site_data.
     records = load_site_records(site)
+    if "cohorts" in site.manifest.disclose:
+        from fedtune.deploy.manifest import commitment_key
+
+        commitment_key(site)  # made now (0600), so a bad key file stops the site here, not in a round
     pin = app_pin(site)
     log.info("site %s: budget ε=%g δ=%g, ledger %s, data %s (%d records, %d cohorts); runs only %s==%s",
              site.site_id, site.budget.epsilon, site.budget.delta, site.resolve(site.ledger_path),
