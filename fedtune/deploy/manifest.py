@@ -27,6 +27,7 @@ from fedtune.data.cohorts import CohortedRecords, cohorted
 from fedtune.deploy.pki import write_secret
 from fedtune.deploy.site_config import MANIFEST_FIELDS, SiteConfig
 from fedtune.deploy.site_data import cohort_budgets
+from fedtune.errors import ConfigError
 from fedtune.privacy.cohorts import cohort_epsilons
 from fedtune.privacy.ledger import PrivacyLedger
 
@@ -42,7 +43,9 @@ def commitment_key(site: SiteConfig) -> bytes:
         write_secret(path, secrets.token_bytes(KEY_BYTES))
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
-        raise ValueError(f"{path} is not a {KEY_BYTES}-byte commitment key")
+        raise ConfigError("commitment_key", f"{path} is not a {KEY_BYTES}-byte commitment key",
+                          "Restore the site's key from its backup (earlier commitments need it); only a new site "
+                          "may delete the file to have a fresh key made.")
     return key
 
 
