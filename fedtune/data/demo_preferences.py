@@ -29,7 +29,8 @@ _DRUGS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
 _FREQUENCIES = ("once daily", "twice daily", "three times daily", "at night")
 # The abbreviations safe-prescribing guidance warns against, for the frequency error.
 _ABBREVIATIONS = {"once daily": "OD", "twice daily": "BD", "three times daily": "TDS", "at night": "ON"}
-_ASKS = ("{who}: prescribe {drug} {dose} milligrams {freq}. ", "Dose line for {who}: {drug}, {dose} milligrams, {freq}. ",
+_ASKS = ("{who}: prescribe {drug} {dose} milligrams {freq}. ",
+         "Dose line for {who}: {drug}, {dose} milligrams, {freq}. ",
          "{who}, {indication}: write up {drug} {dose} milligrams {freq}. ")
 _LETTERS = "ABCDEFGHJKLMNPRSTW"
 

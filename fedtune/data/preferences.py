@@ -61,7 +61,8 @@ def _text(obj: dict[str, Any], name: str, where: str, allow_empty: bool = False)
         raise DataError(f'{where}: missing or non-string "{name}" field. Preference records look like {EXAMPLE}, '
                         'or {"chosen": "...", "rejected": "..."} with the prompt as their shared beginning.')
     if not allow_empty and not value.strip():
-        raise DataError(f'{where}: the "{name}" field is empty. Each pair needs a non-empty chosen and rejected answer.')
+        raise DataError(f'{where}: the "{name}" field is empty. '
+                        "Each pair needs a non-empty chosen and rejected answer.")
     return value
 
 
