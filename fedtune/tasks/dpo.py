@@ -21,7 +21,9 @@ The reference policy is the frozen starting point of the run: the base model wit
 adapter disabled (peft's ``disable_adapter``), which is also the adapter's own starting
 state (LoRA's B starts at zero).  Its log-probabilities are computed on the site, from
 the site's own pairs, inside the loss, under ``no_grad``: nothing of them is sent, and they
-carry no gradient, so Opacus sees only the policy's two passes.
+carry no gradient, so Opacus sees only the policy's two passes.  (A run that continues from
+a trained adapter, DPO after an SFT version, would need that adapter as its reference; the
+reference here is always the base model, so such a run is DPO against the base.)
 """
 
 from __future__ import annotations
