@@ -120,3 +120,13 @@ def test_by_field_partitions_a_thousand_groups_in_one_pass() -> None:
     sites = partition_by_field(groups, min_records=2)
     assert len(sites) == 1000 and all(len(s) == 20 for s in sites)
     assert sites[7] == [i for i, g in enumerate(groups) if g == "role-0007"]
+
+
+def test_by_field_refuses_records_without_the_field(tmp_path: Path) -> None:
+    path = _speeches(tmp_path / "plays.jsonl", {"ROMEO": 5, "JULIET": 5})
+    with path.open("a") as out:
+        for i in range(3):  # more than the one record held out, so some are training records
+            out.write(json.dumps({"text": f"a line nobody speaks {i}"}) + "\n")
+    cfg = DataConfig(path=str(path), group_field="speaker", partition="by_field", eval_fraction=0.05)
+    with pytest.raises(ConfigError, match="by_field needs a group label on every record"):
+        load_federated_data(cfg, num_sites=2)
