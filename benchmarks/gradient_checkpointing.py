@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -58,17 +56,6 @@ def worker_memory(key: str, checkpointing: bool, steps: int, cache_dir: Optional
     return {"after_load": after_load, "peak": peak, "reset": reset}
 
 
-def run_worker(args: argparse.Namespace, *worker: str) -> dict:
-    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--worker", *worker]
-    if args.cache_dir:
-        cmd += ["--cache-dir", args.cache_dir]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise SystemExit(f"worker {worker} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def report(key: str, timing: dict, memory: dict[bool, dict]) -> None:
     off, on = statistics.median(timing["off"]), statistics.median(timing["on"])
     print(f"{rm.BENCHES[key].name}, batch {timing['shape'][0]} x {timing['shape'][1]} tokens, DP-SGD step")
@@ -102,8 +89,9 @@ def main() -> None:
 
         args.cache_dir = tempfile.mkdtemp(prefix="fedtune-bench-")
     for key in args.models.split(","):
-        timing = run_worker(args, "time", key)
-        memory = {mode: run_worker(args, "memory", key, "on" if mode else "off") for mode in (False, True)}
+        timing = rm.run_worker(args, "time", key, script=__file__)
+        memory = {mode: rm.run_worker(args, "memory", key, "on" if mode else "off", script=__file__)
+                  for mode in (False, True)}
         report(key, timing, memory)
 
 
