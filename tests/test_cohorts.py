@@ -14,28 +14,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
-from fedtune import adapters
 from fedtune.config import FedtuneConfig
 from fedtune.data import Record, load_federated_data
 from fedtune.data.cohorts import CohortedRecords, cohorted
 from fedtune.federation import client as site
 from fedtune.federation import protocol
 from fedtune.federation.server import round_config
-from fedtune.models import build_fingerprinted_model, lora_parameter_names
 from fedtune.privacy.accounting import Charge, epsilon
 from fedtune.privacy.cohorts import CohortBudget, check_disjoint, cohort_epsilons, decide_cohorts, record_fingerprint
 from fedtune.privacy.ledger import PrivacyLedger
+from tests.test_client import _train_message
 
 DELTA = 1e-5
-
-
-def _message(cfg: FedtuneConfig, round_number: int) -> Message:
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
-    built = build_fingerprinted_model(cfg.model)
-    state = adapters.lora_state(built.model, lora_parameter_names(built.model))
-    content = RecordDict({protocol.GLOBAL_ADAPTER: adapters.to_array_record(state),
-                          protocol.ROUND_CONFIG: round_config(cfg, round_number, built.fingerprint).to_record()})
-    return Message(content, dst_node_id=7, message_type=protocol.TRAIN)
 
 
 def _two_cohorts(cfg: FedtuneConfig) -> tuple[list[Record], list[Record]]:
@@ -74,7 +64,7 @@ def test_each_cohort_is_accounted_over_exactly_its_rounds_and_retires_while_a_ne
     weights = []
     for round_number in range(1, 5):
         arrived = [("2026-01", first)] + ([("2026-02", second)] if round_number >= 3 else [])
-        reply = site.train(_message(tiny_cfg, round_number), settings, tiny_cfg, CohortedRecords.of(arrived))
+        reply = site.train(_train_message(tiny_cfg, round_number), settings, tiny_cfg, CohortedRecords.of(arrived))
         assert _status(reply)[0] == protocol.STATUS_OK
         weights.append(float(reply.content[protocol.METRICS]["weight"]))
     # Rounds 1-2 sampled A only, rounds 3-4 B only (A retired): the weight is the sampled union's size.
@@ -96,11 +86,11 @@ def test_a_site_whose_cohorts_are_all_spent_refuses_and_is_not_charged(tiny_cfg:
     first, second = _two_cohorts(tiny_cfg)
     data = CohortedRecords.of([("a", first), ("b", second)])
     settings = _settings(tiny_cfg, budgets)
-    assert _status(site.train(_message(tiny_cfg, 1), settings, tiny_cfg, data))[0] == protocol.STATUS_OK
+    assert _status(site.train(_train_message(tiny_cfg, 1), settings, tiny_cfg, data))[0] == protocol.STATUS_OK
     ledger = PrivacyLedger(settings.ledger_path)
     rows = len(ledger.history(None))
     assert rows == 2  # one row per sampled cohort
-    reply = site.train(_message(tiny_cfg, 2), settings, tiny_cfg, data)
+    reply = site.train(_train_message(tiny_cfg, 2), settings, tiny_cfg, data)
     assert _status(reply) == (protocol.STATUS_REFUSED, protocol.REFUSED_BUDGET)
     assert protocol.UPDATE not in reply.content.array_records
     # Nothing charged for the refusal, and a restarted site (a new ledger object) decides the same.
