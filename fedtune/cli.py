@@ -162,7 +162,7 @@ def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-de
     cfg.run_dir = str(Path(str(cfg.run_dir)).resolve())
     try:
         check_config(cfg)  # before anything is printed or created
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         raise _user_error(exc) from None
     print(*describe_run(cfg), sep="\n")
     if verbose:

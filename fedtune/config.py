@@ -111,7 +111,8 @@ class DataConfig:
     # by by_field to make one site per distinct value (e.g. a speaker, a writer).
     group_field: Optional[str] = "source"
     # iid, dirichlet (each group spread over the sites in Dirichlet(α) shares) or by_field
-    # (one site per group_field value; federation.num_sites must equal their number).
+    # (one site per group_field value; federation.num_sites null takes their number from the
+    # data, and a number must equal it).
     partition: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     # by_field: a group with fewer training records is left out (a one-record site's update is noise).
@@ -178,7 +179,9 @@ SITE_DEVICES = ("cpu", "cuda")
 
 @dataclass
 class FederationConfig:
-    num_sites: int = 5
+    # null: as many as the data makes (data.partition=by_field only; resolved from the data
+    # before any work by fedtune.data.site_count.resolve_num_sites, logged, in config.yaml).
+    num_sites: Optional[int] = 5
     num_rounds: int = 5
     # At most this many sites per round (null: every site with budget left).
     sites_per_round: Optional[int] = None
@@ -321,9 +324,11 @@ def validate_train(t: TrainConfig) -> None:
 
 
 def validate_federation(f: FederationConfig) -> None:
-    require(f.num_sites >= 1, "federation.num_sites", f"{f.num_sites} < 1", "Use at least one site.")
+    """The federation section; a null num_sites (by_field's, resolved from the data) skips the checks that need it."""
+    require(f.num_sites is None or f.num_sites >= 1, "federation.num_sites", f"{f.num_sites} < 1",
+            "Use at least one site (or null with data.partition=by_field: one per group in the data).")
     require(f.num_rounds >= 1, "federation.num_rounds", f"{f.num_rounds} < 1", "Use at least one round.")
-    if f.sites_per_round is not None:
+    if f.sites_per_round is not None and f.num_sites is not None:
         require(1 <= f.sites_per_round <= f.num_sites, "federation.sites_per_round",
                 f"{f.sites_per_round} is not between 1 and num_sites={f.num_sites}",
                 "Use null (all sites) or a number in that range.")
@@ -411,8 +416,18 @@ def validate_task(m: ModelConfig, d: DataConfig) -> None:
     _choice(m.task, TASKS, "model.task")
 
 
-def validate_data(d: DataConfig, num_sites: int) -> None:
+def validate_num_sites_source(num_sites: Optional[int], d: DataConfig) -> None:
+    """Only by_field can say how many sites there are: its groups are in the data."""
+    require(num_sites is not None or d.partition == "by_field", "federation.num_sites",
+            f"is null, but only data.partition=by_field can take the number of sites from the data "
+            f"(data.partition={d.partition} splits the records into as many sites as it is told)",
+            "Set federation.num_sites to a number, or use data.partition=by_field with data.group_field.")
+
+
+def validate_data(d: DataConfig, num_sites: Optional[int]) -> None:
+    """The data section; ``num_sites`` None (by_field, not yet counted) skips the canary site's bound."""
     _choice(d.partition, PARTITIONS, "data.partition")
+    validate_num_sites_source(num_sites, d)
     require(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"{d.dirichlet_alpha} is not positive",
             "Use α > 0 (small α such as 0.3 gives very different sites; large α approaches iid).")
     require(d.min_records_per_site >= 1, "data.min_records_per_site", f"{d.min_records_per_site} < 1",
@@ -438,9 +453,10 @@ def validate_data(d: DataConfig, num_sites: int) -> None:
     if d.canary_path is not None:
         require(Path(d.canary_path).is_file(), "data.canary_path", f"'{d.canary_path}' is not a file",
                 "Point data.canary_path at a JSONL file of canary records, or set it to null.")
-        require(0 <= d.canary_site < num_sites, "data.canary_site",
-                f"{d.canary_site} is not a site index below num_sites={num_sites}",
-                f"Use a site index in 0..{num_sites - 1}.")
+        if num_sites is not None:
+            require(0 <= d.canary_site < num_sites, "data.canary_site",
+                    f"{d.canary_site} is not a site index below num_sites={num_sites}",
+                    f"Use a site index in 0..{num_sites - 1}.")
 
 
 def validate_lora(lora: LoraSettings) -> None:

@@ -23,6 +23,7 @@ from fedtune.checkpoint import atomic_write_text
 from fedtune.apps import make_client_app, make_server_app
 from fedtune.config import FedtuneConfig, ModelConfig
 from fedtune.data import load_federated_data
+from fedtune.data.site_count import resolve_num_sites
 from fedtune.errors import require
 from fedtune.federation.server import ServerSummary
 from fedtune.privacy.calibration import noise_multiplier
@@ -59,7 +60,12 @@ def check_devices(cfg: FedtuneConfig) -> None:
 
 
 def check_config(cfg: FedtuneConfig) -> None:
-    """Everything that can fail before any record is read: the config, then this machine's GPUs."""
+    """Everything that can fail before training: the config, then this machine's GPUs.
+
+    A null federation.num_sites (data.partition=by_field) is counted in the data first, the
+    only record reading done here, so that every check below sees the number.
+    """
+    resolve_num_sites(cfg)
     validate(cfg)
     check_devices(cfg)
 
@@ -117,8 +123,11 @@ def describe_run(cfg: FedtuneConfig) -> list[str]:
     m, d, f, p, t = cfg.model, cfg.data, cfg.federation, cfg.privacy, cfg.train
     model = m.path or f"built-in tiny Llama-style model (hidden {m.tiny.hidden_size}, {m.tiny.num_layers} layers)"
     data = d.path or f"built-in demo corpus ({d.demo_records} records)"
-    split = "iid" if d.partition == "iid" else f"dirichlet α={d.dirichlet_alpha:g}"
+    split = {"iid": "iid", "by_field": f"one site per {d.group_field}"}.get(d.partition,
+                                                                          f"dirichlet α={d.dirichlet_alpha:g}")
     per_round = f", {f.sites_per_round} a round" if f.sites_per_round is not None else ""
+    if d.partition == "by_field":  # the count is the data's (resolve_num_sites, or checked against it)
+        per_round = f" (one per {d.group_field} with ≥ {d.min_records_per_site} training records){per_round}"
     gpus = f" + {f.gpus_per_site:g} GPU" if f.gpus_per_site > 0 else ""
     where = f"Ray cluster {f.ray_address}" if f.ray_address is not None else "local Ray"
     sigma = f"{noise_multiplier(cfg):.3g}" + (" calibrated" if p.noise_multiplier is None else "") if p.enabled else ""

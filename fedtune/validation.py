@@ -33,7 +33,8 @@ def validate(cfg: FedtuneConfig) -> None:
     """Check every value that can be checked without the data; raise ConfigError.
 
     Sections are checked in a fixed order, so a config with several mistakes always
-    names the same first one.
+    names the same first one.  A null federation.num_sites (by_field) must already have
+    been counted in the data (:func:`fedtune.data.site_count.resolve_num_sites`).
     """
     validate_privacy(cfg.privacy)
     validate_train(cfg.train)
@@ -42,6 +43,10 @@ def validate(cfg: FedtuneConfig) -> None:
     validate_task(cfg.model, cfg.data)
     get_task(cfg.model.task).check_config(cfg.model, cfg.data)
     validate_data(cfg.data, cfg.federation.num_sites)
+    require(cfg.federation.num_sites is not None, "federation.num_sites",
+            "is null, and this entry point does not count the sites in the data (fedtune simulate and "
+            "fedtune experiment do, for data.partition=by_field)",
+            "Set federation.num_sites to the number of sites, or call fedtune.data.site_count.resolve_num_sites first.")
     if cfg.secagg.enabled:
         validate_secagg(cfg)
     validate_model(cfg.model)

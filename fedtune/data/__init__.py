@@ -57,13 +57,22 @@ def load_records(cfg: DataConfig) -> list[Record]:
                       label_names=cfg.label_names)
 
 
-def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
-    """Deterministic in the config: every simulated party computes the same split."""
+def split_records(cfg: DataConfig) -> tuple[list[Record], list[int], list[int]]:
+    """Every record, and the indices of the training pool and of the held-out set."""
     records = load_records(cfg)
     train_idx, eval_idx = train_eval_split(len(records), cfg.eval_fraction, cfg.seed)
+    return records, train_idx, eval_idx
+
+
+def load_federated_data(cfg: DataConfig, num_sites: Optional[int]) -> FederatedData:
+    """Deterministic in the config: every simulated party computes the same split.
+
+    ``num_sites`` None: as many sites as data.partition=by_field makes of the data.
+    """
+    records, train_idx, eval_idx = split_records(cfg)
     train_records = [records[i] for i in train_idx]
     parts = (partition(train_records, num_sites, cfg.partition, cfg.dirichlet_alpha, cfg.seed,
-                       cfg.min_records_per_site) if train_records else [[] for _ in range(num_sites)])
+                       cfg.min_records_per_site) if train_records else [[] for _ in range(num_sites or 0)])
     site_indices = [[train_idx[j] for j in part] for part in parts]
     if cfg.canary_path is not None:
         # Audit canaries join one site's training data only (never the held-out set).
@@ -74,4 +83,5 @@ def load_federated_data(cfg: DataConfig, num_sites: int) -> FederatedData:
     return FederatedData(records=records, site_indices=site_indices, eval_indices=eval_idx)
 
 
-__all__ = ["DataError", "FederatedData", "Record", "load_federated_data", "load_jsonl", "load_records"]
+__all__ = ["DataError", "FederatedData", "Record", "load_federated_data", "load_jsonl", "load_records",
+           "split_records"]

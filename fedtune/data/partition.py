@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from fedtune.data.records import Record
@@ -61,20 +63,28 @@ def _groups(records: list[Record], method: str) -> list[str]:
     return [str(g) for g in groups]
 
 
-def partition(records: list[Record], num_sites: int, method: str, alpha: float, seed: int,
+def partition(records: list[Record], num_sites: Optional[int], method: str, alpha: float, seed: int,
               min_records: int = MIN_RECORDS_PER_SITE) -> list[list[int]]:
-    """Indices of each site's records; ``by_field`` checks the data makes exactly ``num_sites`` sites."""
+    """Indices of each site's records.
+
+    ``by_field`` checks the data makes exactly ``num_sites`` sites; None takes as many as
+    it makes (:func:`fedtune.data.site_count.resolve_num_sites`).  The other methods need a number.
+    """
+    if method in ("iid", "dirichlet") and num_sites is None:
+        raise ConfigError("federation.num_sites", f"is null, but data.partition={method} needs a number of sites",
+                          "Set federation.num_sites, or use data.partition=by_field (one site per group).")
     if method == "iid":
-        return partition_iid(len(records), num_sites, seed)
+        return partition_iid(len(records), num_sites, seed)  # type: ignore[arg-type]
     if method == "dirichlet":
-        return partition_dirichlet(_groups(records, method), num_sites, alpha, seed)
+        return partition_dirichlet(_groups(records, method), num_sites, alpha, seed)  # type: ignore[arg-type]
     sites = partition_by_field(_groups(records, method), min_records)
-    if len(sites) != num_sites:
+    if num_sites is not None and len(sites) != num_sites:
         raise ConfigError("federation.num_sites",
                           f"data.partition=by_field makes one site per distinct data.group_field value with at "
                           f"least data.min_records_per_site={min_records} training records: this data has "
                           f"{len(sites)}, not {num_sites}",
-                          f"Set federation.num_sites={len(sites)} (or change data.min_records_per_site).")
+                          f"Set federation.num_sites={len(sites)} or null (the number the data makes), or "
+                          "change data.min_records_per_site.")
     return sites
 
 

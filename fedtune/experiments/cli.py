@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(utility)
     utility.add_argument("--seeds", type=int, default=None, help="repeat every setting with seeds 0..N-1")
     utility.add_argument("--epsilons", type=_floats, default=None, help="e.g. 1,2,4,8,inf (inf = non-private)")
-    utility.add_argument("--partitions", type=_words, default=None, help="iid,dirichlet")
+    utility.add_argument("--partitions", type=_words, default=None,
+                         help="iid,dirichlet,by_field (by_field: one site per data.group_field value, as many "
+                              "sites as the data has such groups; --sites sizes the others)")
     utility.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the non-iid partition (0.3)")
     utility.add_argument("--strategies", type=_words, default=None, help="fedavg,ffa")
     utility.add_argument("--sites", type=_ints, default=None, help="numbers of sites, e.g. 5,10")

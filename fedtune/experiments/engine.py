@@ -34,11 +34,13 @@ ENGINES = ("inprocess", "flower")
 def run_inprocess(cfg: FedtuneConfig) -> ServerSummary:
     """:func:`fedtune.simulation.simulate` with the in-process grid instead of Ray."""
     from fedtune.apps import make_client_app
+    from fedtune.data.site_count import resolve_num_sites
     from fedtune.federation.server import run_server
     from fedtune.simulation import check_data, write_resolved_config
     from fedtune.tasks import resolve_format
 
     resolve_format(cfg)
+    resolve_num_sites(cfg)
     validate(cfg)
     check_data(cfg)
     run_dir = Path(cfg.run_dir or "runs/default").resolve()

@@ -70,8 +70,11 @@ class Setting:
         name = rule.title if rule is not None else self.strategy
         if self.centralised:
             return f"centralised, {name}"
-        part = "iid" if self.partition == "iid" else f"Dirichlet α={self.dirichlet_alpha:g}"
-        return f"{part}, {name}, {self.num_sites} sites"
+        return f"{self._partition_title}, {name}, {self.num_sites} sites"
+
+    @property
+    def _partition_title(self) -> str:
+        return {"iid": "iid", "by_field": "by field"}.get(self.partition, f"Dirichlet α={self.dirichlet_alpha:g}")
 
     @property
     def key(self) -> str:
@@ -80,7 +83,7 @@ class Setting:
         if self.centralised:
             head = f"central-{self.strategy}"
         else:
-            part = "iid" if self.partition == "iid" else f"dir{self.dirichlet_alpha:g}"
+            part = {"iid": "iid", "by_field": "byfield"}.get(self.partition, f"dir{self.dirichlet_alpha:g}")
             head = f"{part}-{self.strategy}-{self.num_sites}sites"
         return f"{head}-eps{eps}-seed{self.seed}"
 
@@ -94,15 +97,25 @@ def parse_epsilon(text: str) -> float:
 
 def expand_grid(epsilons: Sequence[float], partitions: Sequence[str], strategies: Sequence[str],
                 num_sites: Sequence[int], seeds: Sequence[int], dirichlet_alpha: float,
-                centralised: bool, centralised_strategies: Sequence[str] = ("fedavg",)) -> list[Setting]:
-    """Every federated setting, then the centralised references (one site, all data)."""
+                centralised: bool, centralised_strategies: Sequence[str] = ("fedavg",),
+                field_sites: Optional[int] = None) -> list[Setting]:
+    """Every federated setting, then the centralised references (one site, all data).
+
+    ``by_field`` makes as many sites as the data has groups (``field_sites``, counted by
+    :func:`fedtune.data.site_count.count_field_sites`), so it takes no size from ``num_sites``.
+    """
     settings: list[Setting] = []
     for seed in seeds:
-        for n in num_sites:
-            for partition in partitions:
-                for strategy in strategies:
-                    for eps in epsilons:
-                        settings.append(Setting(eps, strategy, n, partition, seed, dirichlet_alpha))
+        sizes = [(n, p) for n in num_sites for p in partitions if p != "by_field"]
+        if "by_field" in partitions:
+            if field_sites is None:
+                raise ConfigError("--partitions", "by_field is in the grid but its number of sites is unknown",
+                                  "Count it with fedtune.data.site_count.count_field_sites and pass field_sites.")
+            sizes.append((field_sites, "by_field"))
+        for n, partition in sizes:
+            for strategy in strategies:
+                for eps in epsilons:
+                    settings.append(Setting(eps, strategy, n, partition, seed, dirichlet_alpha))
         if centralised:
             for strategy in centralised_strategies:
                 for eps in epsilons:
@@ -124,6 +137,8 @@ def config_for(setting: Setting, base: FedtuneConfig, run_dir: Path) -> FedtuneC
     if setting.num_sites < 3:
         # SecAgg+ needs three parties; one site holding all data has nothing to hide from itself.
         cfg.secagg.enabled = False
+    if setting.centralised:
+        cfg.federation.sites_per_round = None  # the one site holding all data trains every round
     if math.isinf(setting.epsilon):
         cfg.privacy.enabled = False
         cfg.privacy.noise_multiplier = 0.0

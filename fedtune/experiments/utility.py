@@ -109,7 +109,7 @@ def validate_spec(spec: UtilitySpec) -> None:
     for part in spec.partitions:
         if part not in PARTITIONS:
             raise ConfigError("--partitions", f"'{part}' is not one of {', '.join(PARTITIONS)}",
-                              "Use --partitions iid,dirichlet (or one of them).")
+                              "Use --partitions iid,dirichlet,by_field (or some of them).")
     for strategy in spec.strategies:
         if strategy not in STRATEGIES:
             raise ConfigError("--strategies", f"'{strategy}' is not one of {', '.join(STRATEGIES)}",
@@ -187,11 +187,28 @@ def render(out_dir: Path, rows: Optional[list[dict[str, Any]]] = None) -> str:
     return text
 
 
+def field_sites(spec: UtilitySpec, base: FedtuneConfig) -> Optional[int]:
+    """How many sites ``--partitions by_field`` makes of the base data (None when the grid has no by_field).
+
+    Counted once, before any run, as ``fedtune simulate federation.num_sites=null`` does,
+    so every by_field run of the grid has that many sites (``--sites`` sizes the others).
+    """
+    if "by_field" not in spec.partitions:
+        return None
+    from fedtune.data.site_count import resolve_num_sites
+
+    cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, partition="by_field"),
+                              federation=dataclasses.replace(base.federation, num_sites=None))
+    resolve_num_sites(cfg)
+    log.info("by_field: %d sites (one per data.group_field=%s value)", cfg.federation.num_sites, base.data.group_field)
+    return cfg.federation.num_sites
+
+
 def run_utility(spec: UtilitySpec, base: FedtuneConfig, out_dir: Path, progress: bool = True) -> str:
     """Run (or resume) the sweep; write CSV, table and plots; return the Markdown table."""
     validate_spec(spec)
     settings = expand_grid(spec.epsilons, spec.partitions, spec.strategies, spec.num_sites, spec.seeds,
-                           spec.dirichlet_alpha, spec.centralised)
+                           spec.dirichlet_alpha, spec.centralised, field_sites=field_sites(spec, base))
     plans = plan_runs(settings, base, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_experiment_record(out_dir, "utility", spec_to_json(spec), base)
