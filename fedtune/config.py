@@ -96,6 +96,11 @@ class ModelConfig:
     # activation memory falls from one copy per layer to about one layer's, for roughly one
     # more forward pass of time.  The gradients are the same (fedtune.models.enable_gradient_checkpointing).
     gradient_checkpointing: bool = False
+    # QLoRA: null (the base in model.dtype) or 4bit (its linear layers stored in NF4 with
+    # bitsandbytes, about a quarter of bfloat16's memory; LoRA stays float32).  The base
+    # fingerprint is taken before quantising, so it is a party's own memory choice
+    # (fedtune.quantization); on CPU it saves memory, not time.
+    quantization: Optional[str] = None
 
 
 @dataclass
@@ -520,11 +525,22 @@ def validate_model_dtype(m: ModelConfig) -> None:
                 "Use model.dtype=bfloat16 on CPU (or float32); float16 is for parties that compute on a GPU.")
 
 
+def validate_model_quantization(m: ModelConfig) -> None:
+    """model.quantization is null or known, and bitsandbytes is there to do it."""
+    if m.quantization is None:
+        return
+    from fedtune.quantization import QUANTIZATIONS, check_quantization_available
+
+    _choice(m.quantization, QUANTIZATIONS, "model.quantization")
+    check_quantization_available("model.quantization")
+
+
 def validate_model(m: ModelConfig) -> None:
     """The base model and its LoRA shape (the task is :func:`validate_task`'s)."""
     validate_lora(m.lora)
     validate_model_source(m)
     validate_model_dtype(m)
+    validate_model_quantization(m)
     _choice(m.pooling, POOLINGS, "model.pooling")
     tiny = m.tiny
     require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size",

@@ -36,6 +36,7 @@ from transformers import (
 
 from fedtune.config import LoraSettings, ModelConfig
 from fedtune.errors import ConfigError
+from fedtune.quantization import quantize_base
 from fedtune.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -311,8 +312,15 @@ class FingerprintedModel:
 
 
 def build_fingerprinted_model(cfg: ModelConfig) -> FingerprintedModel:
+    """The LoRA model a party trains or evaluates, with the fingerprint of its base in ``model.dtype``.
+
+    The fingerprint is taken before ``model.quantization`` (fedtune.quantization), so that it
+    names the checkpoint whichever memory form each party keeps it in.
+    """
     model, tokenizer = load_base_model(cfg)
     fingerprint = base_fingerprint(model, tokenizer)
+    if cfg.quantization is not None:
+        quantize_base(model)
     lora = attach_lora(model, cfg.lora, seed=cfg.seed, task_type=get_task(cfg.task).peft_task_type)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(lora)

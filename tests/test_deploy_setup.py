@@ -379,3 +379,17 @@ def test_the_operator_reads_a_run_that_trained_nothing_as_a_failure(tmp_path: Pa
     assert _failure(summary) == "no site connected"
     summary.write_text("{broken")
     assert "not a readable summary" in _failure(summary)
+
+
+def test_quantisation_is_the_sites_own_choice(fed_dir: Path, tmp_path: Path) -> None:
+    """QLoRA is a memory choice of the site's machine: site.yaml decides, the server's run config cannot."""
+    paths, fed = load_federation(fed_dir)
+    write_demo_data(paths, fed, demo_records=200)
+    site_yaml = _install_kit(paths, "hosp-c", tmp_path / "homes" / "hosp-c")
+    server_cfg = from_dict({"model": {"quantization": "4bit"}})
+    assert site_run_config(json.dumps(to_dict(server_cfg)), load_site_config(site_yaml)).model.quantization is None
+    site = load_site_config(site_yaml, ["model_quantization=4bit"])
+    server_cfg.model.quantization = None
+    assert site_run_config(json.dumps(to_dict(server_cfg)), site).model.quantization == "4bit"
+    with pytest.raises(ConfigError, match="model_quantization"):
+        load_site_config(site_yaml, ["model_quantization=2bit"])

@@ -179,6 +179,7 @@ model_path: null                   # your copy of the federation's base model; n
 model_gguf_file: null              # a GGUF checkpoint inside model_path (converted once, cached); null: none
 model_cache_dir: null              # where converted GGUF weights are kept; null: ~/.cache/fedtune/gguf
 model_gradient_checkpointing: false  # recompute activations in backward: less memory, same gradients
+model_quantization: null           # 4bit: keep your base copy in NF4 (QLoRA, needs bitsandbytes); null: full precision
 policy:                            # the rounds you accept, whatever the server asks
   min_noise_multiplier: 0.3        # least DP-SGD noise σ
   max_sample_rate: 0.5             # largest Poisson sampling rate q

@@ -91,6 +91,7 @@ def use_site_model(cfg: FedtuneConfig, site: SiteConfig) -> None:
     cfg.model.gguf_file = site.model_gguf_file
     cfg.model.cache_dir = str(site.resolve(site.model_cache_dir)) if site.model_cache_dir is not None else None
     cfg.model.gradient_checkpointing = site.model_gradient_checkpointing
+    cfg.model.quantization = site.model_quantization
 
 
 def parse_server_config(raw: str) -> dict:

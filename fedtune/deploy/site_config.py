@@ -119,6 +119,10 @@ class SiteConfig:
     # Recompute activations in the backward pass (less memory, same gradients): a local
     # choice, whatever the server's run config says.
     model_gradient_checkpointing: bool = False
+    # QLoRA: 4bit keeps this site's copy of the base in NF4 (bitsandbytes), about a quarter
+    # of bfloat16's memory; null: full precision.  A local choice, like checkpointing: the
+    # fingerprint is the full-precision base's either way (fedtune.quantization).
+    model_quantization: Optional[str] = None
     device: str = "cpu"
     torch_threads: int = 1
     # The SuperNode's local Runtime API, where this site's executor fetches tasks.
@@ -185,6 +189,7 @@ def validate_site_config(site: SiteConfig, check_files: bool = True) -> None:
 
         require(torch.cuda.is_available(), "device", f"{site.device} asked for but torch sees no CUDA device",
                  "Install a CUDA build of torch and check the GPU, or set device: cpu.")
+    _check_quantization(site)
     require(site.torch_threads >= 1, "torch_threads", f"{site.torch_threads} < 1", "Use at least 1.")
     require(1024 <= site.runtime_port <= 65535, "runtime_port", f"{site.runtime_port} is not a usable port",
              "Use a free local port between 1024 and 65535, e.g. 9100.")
@@ -244,6 +249,17 @@ def _validate_manifest(manifest: DataManifest) -> None:
         require(name not in manifest.disclose or value is not None, f"manifest.{name}",
                 "is disclosed (manifest.disclose) but not set",
                 f"Set manifest.{name}, or drop it from manifest.disclose.")
+
+
+def _check_quantization(site: SiteConfig) -> None:
+    if site.model_quantization is None:
+        return
+    from fedtune.quantization import QUANTIZATIONS, check_quantization_available
+
+    require(site.model_quantization in QUANTIZATIONS, "model_quantization",
+            f"{site.model_quantization!r} is not one of {', '.join(QUANTIZATIONS)}",
+            "Use 4bit, or null for the full-precision base.")
+    check_quantization_available("model_quantization")
 
 
 def _check_gguf(site: SiteConfig) -> None:
