@@ -45,6 +45,11 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 # checkpoint's own sentence pooling when it declares one (sentence-transformers), else head;
 # head is the transformers class's own head; mean and cls pool the token states.
 POOLINGS = ("auto", "head", "mean", "cls")
+# DPO's β (train.dpo_beta): TRL's default, and the bound a round config's β stays within.  Above
+# ~10 the loss is a hard step in the margin (−log σ(β·m) saturates at |m| ≈ 1/β) and the
+# adapter need not move to satisfy it; β enters only the loss, never the privacy guarantee.
+DEFAULT_DPO_BETA = 0.1
+MAX_DPO_BETA = 10.0
 
 
 @dataclass
@@ -175,6 +180,14 @@ class TrainConfig:
     # set it in a deployment: whoever knows the seed can regenerate and subtract the
     # noise.  null draws both from OS entropy.
     seed: Optional[int] = None
+    # model.task=dpo: β of the DPO loss −log σ(β·margin), how far the policy may move from its
+    # reference for a given margin (sent to the sites in every round config, checked there).
+    dpo_beta: float = DEFAULT_DPO_BETA
+    # A fedtune adapter directory (a run's adapters/round_NNN/ or checkpoint/) this run starts
+    # from instead of a fresh LoRA; for model.task=dpo it is also the frozen reference policy.
+    # Read by the server only (never a site's path).  With versions.enabled a version starts
+    # from its parent instead, so it must be null there.
+    start_adapter: Optional[str] = None
 
 
 # Where a simulated site trains (federation.site_device).  Ray gives each site actor the GPUs
@@ -326,6 +339,14 @@ def validate_train(t: TrainConfig) -> None:
         _choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} < 1", "Use at least 1.")
     require(t.torch_threads >= 1, "train.torch_threads", f"{t.torch_threads} < 1", "Use at least 1.")
+    require(not isinstance(t.dpo_beta, bool) and math.isfinite(t.dpo_beta) and 0 < t.dpo_beta <= MAX_DPO_BETA,
+            "train.dpo_beta", f"{t.dpo_beta} is not a finite β in (0, {MAX_DPO_BETA:g}]",
+            f"Use DPO's β, e.g. {DEFAULT_DPO_BETA} (TRL's default; 0.05–0.5 is the usual range).")
+    if t.start_adapter is not None:
+        weights = Path(t.start_adapter) / "adapter_model.safetensors"
+        require(weights.is_file(), "train.start_adapter",
+                f"'{t.start_adapter}' is not a fedtune adapter directory (no {weights.name})",
+                "Point it at an earlier run's adapters/round_NNN/ or checkpoint/ directory, or null for a fresh LoRA.")
 
 
 def validate_federation(f: FederationConfig) -> None:
