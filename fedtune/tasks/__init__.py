@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Generic, Optional, Protocol, Sequenc
 import torch
 from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.config import DataConfig, FedtuneConfig, ModelConfig
+from fedtune.config import DEFAULT_DPO_BETA, DataConfig, FedtuneConfig, ModelConfig
 from fedtune.data.records import Record, RecordSchema
 from fedtune.errors import ConfigError
 from fedtune.evaluate import EvalResult
@@ -41,6 +41,22 @@ class TaskBatch(Protocol):
     def __len__(self) -> int: ...
 
     def to(self, device: torch.device) -> "TaskBatch": ...
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The settings of a task's loss that the server dictates in each round config (``train.dpo_beta``).
+
+    They travel per round, like the learning rate, so a site trains with exactly what the
+    server accounted and evaluated with, and validates them as strictly as every other
+    round-config field.  A task reads those its loss has (:meth:`Task.with_loss`).
+    """
+
+    dpo_beta: float = DEFAULT_DPO_BETA
+
+    @classmethod
+    def of(cls, cfg: FedtuneConfig) -> "LossSettings":
+        return cls(dpo_beta=float(cfg.train.dpo_beta))
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,13 @@ class Task(ABC, Generic[ExampleT, BatchT]):
     peft_task_type: ClassVar[str]
     # The optimiser and step sizes a run of this task uses unless train.* sets them.
     training_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(optimizer="adam", learning_rate=0.01)
+    # Whether the loss compares the policy with a frozen reference policy (DPO): then a run that
+    # starts from a trained adapter sends it to the sites as the reference (see with_reference).
+    uses_reference: ClassVar[bool] = False
+
+    def with_loss(self, settings: LossSettings) -> "Task[ExampleT, BatchT]":
+        """This task with the round's loss settings (DPO's β); a task whose loss has none is itself."""
+        return self
 
     # --- configuration -------------------------------------------------------------------
     @abstractmethod
@@ -144,6 +167,16 @@ class Task(ABC, Generic[ExampleT, BatchT]):
     @abstractmethod
     def per_record_loss(self, model: torch.nn.Module, batch: BatchT) -> torch.Tensor:
         """Shape [len(batch)]: each record's own loss, independent of its batch-mates."""
+
+    def with_reference(self, model: torch.nn.Module, examples: Sequence[ExampleT], pad_id: int,
+                       batch_size: int) -> list[ExampleT]:
+        """``examples`` carrying the reference policy's values, computed by ``model`` as it is now.
+
+        Called with the reference adapter loaded, before the policy's adapter is (only for
+        a task that ``uses_reference``): the values are constants of each record's loss,
+        computed without gradient on the party that holds the records, and never sent.
+        """
+        raise NotImplementedError(f"task {self.name} has no reference policy")
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, examples: Sequence[ExampleT], pad_id: int,

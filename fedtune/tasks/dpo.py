@@ -17,13 +17,33 @@ alone, the pair's sensitivity 2C, not C.  Two passes cost the same arithmetic as
 Padding never couples pairs: rows are right-padded, a padded position is never scored,
 and every log-probability is a sum over one row's own answer tokens.
 
-The reference policy is the frozen starting point of the run: the base model with the
-adapter disabled (peft's ``disable_adapter``), which is also the adapter's own starting
-state (LoRA's B starts at zero).  Its log-probabilities are computed on the site, from
-the site's own pairs, inside the loss, under ``no_grad``: nothing of them is sent, and they
-carry no gradient, so Opacus sees only the policy's two passes.  (A run that continues from
-a trained adapter, DPO after an SFT version, would need that adapter as its reference; the
-reference here is always the base model, so such a run is DPO against the base.)
+The reference policy is the frozen starting point of the run.  A run that starts from a
+fresh LoRA starts at the base model (LoRA's B is zero), so its reference is the base with
+the adapter disabled (peft's ``disable_adapter``), computed inside the loss under
+``no_grad``: Opacus' hooks record nothing without grad mode, so it sees only the policy's
+two passes.  A run that starts from a trained adapter (``train.start_adapter``, or a version
+whose parent is an SFT version) has that adapter, frozen, as its reference.
+
+How such a reference reaches a site, and why so.  A site cannot compute it from what it
+already holds: from round 2 on it holds only the current global adapter, and a site that
+missed round 1 never saw the start (keeping one would be state the server could still
+contradict).  So the server sends the reference adapter beside the global one in every
+round, as tensors that the site validates exactly as it validates the global adapter
+(exact key set and shapes, float32, finite, bounded by its policy's ``max_adapter_value``),
+never as a path or code.  A crafted reference cannot weaken the guarantee: it is a
+constant of each pair's loss, and DP-SGD clips each pair's gradient whatever the loss
+(a non-finite one is zeroed); it can only spoil utility, as a crafted global adapter can.
+
+The site then computes each of its pairs' reference log-probabilities once per round,
+with the reference adapter loaded, in eval mode under ``no_grad``, *before* it loads the
+global adapter and before Opacus' hooks are attached (:meth:`DPO.with_reference`); they
+ride in the pairs' examples (:attr:`PreferenceExample.reference`) and never leave the site.
+So the DP step holds only the policy's two passes: the reference pass can record no
+per-sample gradient and cannot disturb the hooks, and the model holds one adapter (a
+second peft adapter's tensors would join the LoRA key set that is sent and checked).  The
+values depend on the pair alone, so padding them into another batch changes nothing.  It
+costs one forward pass over each of the site's pairs per round, as many as the in-step
+passes at the defaults (q · steps ≈ 1 pass).
 """
 
 from __future__ import annotations
@@ -32,30 +52,33 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.config import DataConfig, ModelConfig
+from fedtune.config import DEFAULT_DPO_BETA, DataConfig, ModelConfig
 from fedtune.data.demo_preferences import demo_preference_corpus
 from fedtune.data.encoding import Batch, Example, collate
 from fedtune.data.preferences import PreferenceRecord, parse_preference
 from fedtune.data.records import DataError, Record, RecordSchema
 from fedtune.errors import require
 from fedtune.evaluate import EvalResult, eval_batches, perplexity_of
-from fedtune.tasks import Task, TrainingDefaults
+from fedtune.tasks import LossSettings, Task, TrainingDefaults
 from fedtune.tasks.causal_lm import CausalLM, prompt_response_ids, token_losses
 
-# DPO's β: how far from the reference the policy may move for a given margin (TRL's default).
-BETA = 0.1
+# DPO's β when the round config does not set it (train.dpo_beta's default; TRL's).
+BETA = DEFAULT_DPO_BETA
 
 
 @dataclass(frozen=True)
 class PreferenceExample:
     chosen: Example
     rejected: Example
+    # (log π_ref(y_c|x), log π_ref(y_r|x)) under a reference adapter (DPO.with_reference);
+    # None: the reference is the base model, computed in the loss.
+    reference: Optional[tuple[float, float]] = None
 
 
 @dataclass
@@ -64,12 +87,15 @@ class PreferenceBatch:
 
     chosen: Batch
     rejected: Batch
+    # [B] reference log-probabilities of the chosen and the rejected answers, or None (base reference).
+    reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def to(self, device: torch.device) -> "PreferenceBatch":
-        return PreferenceBatch(self.chosen.to(device), self.rejected.to(device))
+        reference = None if self.reference is None else (self.reference[0].to(device), self.reference[1].to(device))
+        return PreferenceBatch(self.chosen.to(device), self.rejected.to(device), reference)
 
 
 def answer_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -87,19 +113,19 @@ def _pad_to(batch: Batch, length: int) -> Batch:
 
 
 @contextlib.contextmanager
-def reference_policy(model: torch.nn.Module) -> Iterator[None]:
-    """The frozen reference: the adapter disabled, eval mode (no dropout), no gradient."""
+def frozen(model: torch.nn.Module, adapter: bool) -> Iterator[None]:
+    """A frozen policy: eval mode (no dropout), no gradient, and the adapter on or (the base) off."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.disable_adapter():  # type: ignore[operator]
+        with torch.no_grad(), (contextlib.nullcontext() if adapter else model.disable_adapter()):  # type: ignore[operator]
             yield
     finally:
         model.train(was_training)
 
 
-def reference_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B]) log-probabilities under the reference, in one forward pass of 2B rows.
+def frozen_logps(model: torch.nn.Module, batch: PreferenceBatch, adapter: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B]) log-probabilities of a frozen policy, in one forward pass of 2B rows.
 
     No gradient flows here, so the two answer sets may share a pass (per-sample gradients
     are not involved); right padding to the longer set changes no row's value.
@@ -108,9 +134,16 @@ def reference_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tuple[tor
     chosen, rejected = _pad_to(batch.chosen, length), _pad_to(batch.rejected, length)
     both = Batch(*(torch.cat([getattr(chosen, f.name), getattr(rejected, f.name)])
                    for f in dataclasses.fields(Batch)))
-    with reference_policy(model):
+    with frozen(model, adapter):
         logps = answer_logps(model, both)
     return logps[:len(batch)], logps[len(batch):]
+
+
+def reference_logps(model: torch.nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B]) under the reference: the batch's own values, else the base model's."""
+    if batch.reference is not None:
+        return batch.reference
+    return frozen_logps(model, batch, adapter=False)
 
 
 def dpo_margins(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -124,11 +157,22 @@ def dpo_loss(margins: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(margins)
 
 
-def pair_margins(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-    """[B] margins: the reference pass, then one policy pass per answer set."""
+def pair_margins(model: torch.nn.Module, batch: PreferenceBatch, beta: float = BETA) -> torch.Tensor:
+    """[B] margins: the reference values (or the base pass), then one policy pass per answer set."""
     ref_chosen, ref_rejected = reference_logps(model, batch)
     return dpo_margins(answer_logps(model, batch.chosen), answer_logps(model, batch.rejected),
-                       ref_chosen, ref_rejected)
+                       ref_chosen, ref_rejected, beta)
+
+
+def _stacked_reference(examples: Sequence[PreferenceExample]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The examples' reference values as two [B] tensors; None if they have none (all or none must)."""
+    given = [e.reference for e in examples if e.reference is not None]
+    if not given:
+        return None
+    if len(given) != len(examples):
+        raise ValueError("a DPO batch mixes pairs with and without reference values")
+    values = torch.tensor(given, dtype=torch.float32)
+    return values[:, 0], values[:, 1]
 
 
 def _pair_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
@@ -149,6 +193,14 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
     # Adam at the causal LM's step size: the same adapter, a loss of comparable gradient scale.
     training_defaults = TrainingDefaults(optimizer="adam", learning_rate=0.01)
     lm = CausalLM()
+    uses_reference = True
+
+    def __init__(self, beta: float = BETA) -> None:
+        self.beta = beta
+
+    def with_loss(self, settings: LossSettings) -> "DPO":
+        """DPO with the round's β (already validated: the round config's parser, or train.dpo_beta's)."""
+        return self if settings.dpo_beta == self.beta else DPO(settings.dpo_beta)
 
     def check_config(self, model: ModelConfig, data: DataConfig) -> None:
         require(data.format in self.record_formats, "data.format", f"'{data.format}' records are not preference pairs",
@@ -203,11 +255,26 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
 
     def collate(self, examples: Sequence[PreferenceExample], pad_id: int) -> PreferenceBatch:
         return PreferenceBatch(collate([e.chosen for e in examples], pad_id),
-                               collate([e.rejected for e in examples], pad_id))
+                               collate([e.rejected for e in examples], pad_id), _stacked_reference(examples))
+
+    def with_reference(self, model: torch.nn.Module, examples: Sequence[PreferenceExample], pad_id: int,
+                       batch_size: int) -> list[PreferenceExample]:
+        """Each pair with its log-probabilities under ``model``'s current adapter, frozen (the reference)."""
+        device = next(model.parameters()).device
+        out: list[PreferenceExample] = []
+        for start in range(0, len(examples), batch_size):
+            chunk = [dataclasses.replace(e, reference=None) for e in examples[start:start + batch_size]]
+            batch = self.collate(chunk, pad_id).to(device)
+            # One pass per answer set, as evaluate's policy passes: batched alike, an unmoved policy ties exactly.
+            with frozen(model, adapter=True):
+                chosen, rejected = answer_logps(model, batch.chosen), answer_logps(model, batch.rejected)
+            out += [dataclasses.replace(e, reference=(float(c), float(r)))
+                    for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]
+        return out
 
     def per_record_loss(self, model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
-        """Each pair's DPO loss (the reference pass carries no gradient)."""
-        return dpo_loss(pair_margins(model, batch))
+        """Each pair's DPO loss (the reference values carry no gradient)."""
+        return dpo_loss(pair_margins(model, batch, self.beta))
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: Sequence[PreferenceExample], pad_id: int,
@@ -223,7 +290,7 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
             nll, scored = token_losses(model, batch.chosen)
             nll_sum, tokens = nll_sum + float(nll.sum()), tokens + float(scored.sum())
             margins.append(dpo_margins(-nll.sum(dim=1), answer_logps(model, batch.rejected), ref_chosen,
-                                       ref_rejected))
+                                       ref_rejected, self.beta))
         margin = torch.cat(margins) if margins else torch.zeros(0)
         chosen_loss = nll_sum / max(tokens, 1.0)
         return EvalResult(loss=float(dpo_loss(margin).mean()) if len(margin) else float("nan"),
