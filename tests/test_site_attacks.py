@@ -66,6 +66,8 @@ def test_a_deployed_sites_noise_is_never_reproducible(server: HostileServer) -> 
     ("learning_rate", math.nan), ("learning_rate", 0.0), ("sample_rate", 0.0), ("sample_rate", 1.5),
     ("head_learning_rate", math.nan), ("head_learning_rate", -0.5), ("head_learning_rate", 1e9),
     ("head_learning_rate", "8"), ("head_learning_rate", DELETE),
+    ("dpo_beta", math.nan), ("dpo_beta", -math.inf), ("dpo_beta", 0.0), ("dpo_beta", 1e300), ("dpo_beta", "0.1"),
+    ("dpo_beta", False), ("dpo_beta", DELETE),
     ("sample_rate", math.nan), ("round", -3), ("optimizer", "lbfgs"), ("strategy", "median"),
     ("private", 1), ("base_fingerprint", "00"), ("local_steps", DELETE), ("extra_field", 1),
 ])
@@ -74,6 +76,16 @@ def test_every_invalid_round_config_is_refused_before_the_ledger(server: Hostile
     reply = server.train(**{field_name: value})
     assert outcome(reply) == "refused" and reason(reply) == protocol.REFUSED_INVALID_MESSAGE
     assert server.charges() == 0
+
+
+def test_a_reference_adapter_for_a_task_without_one_is_refused_before_the_ledger(server: HostileServer) -> None:
+    """Only DPO has a reference policy (tests/test_dpo_reference.py); to this causal-LM site it is a malformed message."""
+    before = server.charges()
+    reply = server.send({protocol.GLOBAL_ADAPTER: adapters.to_array_record(server.state),
+                         protocol.REFERENCE_ADAPTER: adapters.to_array_record(server.state),
+                         protocol.ROUND_CONFIG: server.round_record(1)})
+    assert outcome(reply) == "refused" and reason(reply) == protocol.REFUSED_INVALID_MESSAGE
+    assert server.charges() == before
 
 
 def test_the_budget_holds_after_a_negative_step_attack(server: HostileServer) -> None:

@@ -53,6 +53,7 @@ PLAUSIBLE = {
     "optimizer": st.sampled_from(["adam", "sgd"]),
     "strategy": st.sampled_from(["fedavg", "ffa"]),
     "private": st.just(True),
+    "dpo_beta": st.floats(min_value=0.01, max_value=10.0),
 }
 
 

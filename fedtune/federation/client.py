@@ -39,7 +39,7 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.policy import SitePolicy, check_base_model, check_round
 from fedtune.secagg.signing import Identity, simulated_identity
 from fedtune.strategies import make_strategy
-from fedtune.tasks import get_task
+from fedtune.tasks import LossSettings, get_task
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,8 @@ class PreparedRound:
     # The cohorts this round samples from and charges (WHOLE_SITE without cohorts), and their records.
     cohorts: tuple[Optional[str], ...]
     records: list[Record]
+    # The frozen reference adapter of a task that has one (DPO from a trained start); None: the base.
+    reference: Optional[adapters.State] = None
 
 
 def check_round_message(msg: Message, site: SiteSettings, cfg: FedtuneConfig, secure: bool
@@ -212,17 +214,40 @@ def prepare_round(msg: Message, site: SiteSettings, cfg: FedtuneConfig, data: Tr
     # The exact float32 size of this site's own adapter, plus its layout: nothing larger is read.
     size = 4 * sum(int(math.prod(shape)) for shape in shapes.values()) + adapters.MAX_LAYOUT_BYTES
     spec = adapters.UpdateSpec(shapes, size)
-    try:
-        global_state = adapters.validate_global_adapter(msg.content.array_records.get(protocol.GLOBAL_ADAPTER),
-                                                        spec, site.policy.max_adapter_value)
-    except Exception as exc:  # noqa: BLE001 - any malformed adapter is the same refusal
-        raise protocol.Refusal(protocol.REFUSED_INVALID_MESSAGE, f"global adapter: {str(exc)[:200]}") from None
+    global_state = _checked_adapter(msg.content.array_records.get(protocol.GLOBAL_ADAPTER), protocol.GLOBAL_ADAPTER,
+                                    spec, site.policy)
+    reference = _checked_reference(msg, spec, site.policy, cfg)
     data = cohorted(data)
     # Only cohorts that hold records are sampled and charged (a declared cohort may not have arrived).
     active = tuple(c for c in active if c in set(data.cohorts))
     records = data.select(active)
     check_site_data(records, cfg, site, max_weight)
-    return PreparedRound(rc, built, global_state, ledger, active, records)
+    return PreparedRound(rc, built, global_state, ledger, active, records, reference)
+
+
+def _checked_adapter(record: object, name: str, spec: adapters.UpdateSpec, policy: SitePolicy) -> adapters.State:
+    """The adapter ``record`` (the message's ``name``), checked against the site's own model; else Refusal."""
+    try:
+        return adapters.validate_global_adapter(record, spec, policy.max_adapter_value)
+    except Exception as exc:  # noqa: BLE001 - any malformed adapter is the same refusal
+        raise protocol.Refusal(protocol.REFUSED_INVALID_MESSAGE, f"{name.replace('_', ' ')}: {str(exc)[:200]}"
+                               ) from None
+
+
+def _checked_reference(msg: Message, spec: adapters.UpdateSpec, policy: SitePolicy, cfg: FedtuneConfig
+                       ) -> Optional[adapters.State]:
+    """The reference adapter, if the message carries one, validated exactly like the global adapter.
+
+    Only a task whose loss has a reference policy takes one: a reference sent for any other
+    task is a malformed message, refused like an unexpected round-config key.  Any record
+    under the name counts (a ConfigRecord there is refused, not ignored).
+    """
+    if protocol.REFERENCE_ADAPTER not in msg.content:
+        return None
+    if not get_task(cfg.model.task).uses_reference:
+        raise protocol.Refusal(protocol.REFUSED_INVALID_MESSAGE,
+                               f"a reference adapter was sent for model.task={cfg.model.task}, which has none")
+    return _checked_adapter(msg.content[protocol.REFERENCE_ADAPTER], protocol.REFERENCE_ADAPTER, spec, policy)
 
 
 def check_site_data(records: list[Record], cfg: FedtuneConfig, site: SiteSettings, max_weight: Optional[int]) -> None:
@@ -262,15 +287,19 @@ def local_update(prepared: PreparedRound, site: SiteSettings, cfg: FedtuneConfig
 
     torch.set_num_threads(cfg.train.torch_threads)
     model, tokenizer = prepared.built.model, prepared.built.tokenizer
-    # The whole adapter is loaded (exact key set), so nothing of the last round survives.
+    # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
+    model.to(site.device)
+    task = get_task(cfg.model.task).with_loss(LossSettings(dpo_beta=rc.dpo_beta))
+    examples = task.encode_all(records, tokenizer, cfg.data.max_length)
+    if prepared.reference is not None:
+        # The reference's values of every pair, before the policy's adapter and any hook (fedtune.tasks.dpo).
+        adapters.load_lora_state(model, prepared.reference)
+        examples = task.with_reference(model, examples, tokenizer.pad_token_id, cfg.train.eval_batch_size)
+    # The whole adapter is loaded (exact key set), so nothing of the last round (or the reference) survives.
     adapters.load_lora_state(model, prepared.global_state)
     # The rule decides what is trained, as the server decides what it aggregates: the same set.
     trained = make_strategy(rc.strategy).trainable_names(model)
     set_trainable(model, trained)
-    # Before train_locally attaches Opacus' hooks: a model moved afterwards trains nothing.
-    model.to(site.device)
-    task = get_task(cfg.model.task)
-    examples = task.encode_all(records, tokenizer, cfg.data.max_length)
     seed = cfg.train.seed if site.accept_seed else None
     sample_seed = secrets.randbits(63) if seed is None else stable_seed(seed, site.name, rc.round, "sampling")
     noise_seed = None if seed is None else stable_seed(seed, site.name, rc.round, "noise")

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from fedtune.config import OPTIMIZERS, STRATEGIES
+from fedtune.config import MAX_DPO_BETA, OPTIMIZERS, STRATEGIES
 from fedtune.privacy.accounting import MAX_NOISE_MULTIPLIER, Charge
 
 # Message types: Flower routes "query" and "train" to the ClientApp's handlers.
@@ -23,6 +23,9 @@ TRAIN = "train"
 
 # Record names inside a Message's RecordDict.
 GLOBAL_ADAPTER = "global_adapter"
+# A task with a reference policy (DPO) that starts from a trained adapter: that adapter, frozen,
+# beside the global one (validated as strictly; fedtune.tasks.dpo says why it travels).
+REFERENCE_ADAPTER = "reference_adapter"
 ROUND_CONFIG = "round_config"
 UPDATE = "update"
 METRICS = "metrics"
@@ -106,6 +109,8 @@ class RoundConfig:
     optimizer: str
     strategy: str
     private: bool
+    # DPO's β (train.dpo_beta), in every round whatever the task: a site checks it like any field.
+    dpo_beta: float
     # SHA-256 of the base model's frozen weights (fedtune.models.base_fingerprint): a site
     # trains only if its own copy hashes the same, so both sides mean the same adapter.
     base_fingerprint: str
@@ -151,6 +156,7 @@ class RoundConfig:
             optimizer=_choice_of(record, "optimizer", OPTIMIZERS),
             strategy=_choice_of(record, "strategy", STRATEGIES),
             private=private,
+            dpo_beta=_float_in(record, "dpo_beta", 0.0, MAX_DPO_BETA, low_open=True),
             base_fingerprint=fingerprint,
         )
 

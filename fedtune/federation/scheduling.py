@@ -34,7 +34,7 @@ def round_config(cfg: FedtuneConfig, round_number: int, base_fingerprint: str) -
         sample_rate=p.sample_rate, local_steps=t.local_steps, max_grad_norm=p.max_grad_norm,
         learning_rate=steps.learning_rate, head_learning_rate=float(steps.head_learning_rate),
         optimizer=steps.optimizer, strategy=cfg.federation.strategy,
-        private=p.enabled, base_fingerprint=base_fingerprint,
+        private=p.enabled, dpo_beta=float(t.dpo_beta), base_fingerprint=base_fingerprint,
     )
 
 
