@@ -28,7 +28,7 @@ from fedtune.evaluate import EvalResult
 from fedtune.federation import run_files
 from fedtune.federation.versions import AdapterVersion, GlobalAdapter
 from fedtune.reporting import RoundTable
-from fedtune.tasks import get_task
+from fedtune.tasks import LossSettings, get_task
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,16 @@ class Evaluation:
 class Evaluator:
     """Held-out metrics of an adapter state, on the server's copy of the model."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: FedtuneConfig, records: Optional[list[Record]]) -> None:
-        self.model, self.task = model, get_task(cfg.model.task)
+    def __init__(self, model: Any, tokenizer: Any, cfg: FedtuneConfig, records: Optional[list[Record]],
+                 reference: Optional[adapters.State] = None) -> None:
+        self.model, self.task = model, get_task(cfg.model.task).with_loss(LossSettings.of(cfg))
         self.pad_id, self.batch_size = tokenizer.pad_token_id, cfg.train.eval_batch_size
         self.examples = (None if records is None else
                          self.task.encode_all(records, tokenizer, cfg.data.max_length))
+        if reference is not None and self.examples is not None:
+            # The held-out pairs' reference values, once: the reference is frozen for the whole run.
+            adapters.load_lora_state(model, reference)
+            self.examples = self.task.with_reference(model, self.examples, self.pad_id, self.batch_size)
 
     def evaluate(self, state: adapters.State) -> Evaluation:
         started = time.perf_counter()

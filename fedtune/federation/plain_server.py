@@ -29,8 +29,7 @@ class PlainAggregation:
 
     def run(self, grid: Grid, selected: list["SiteInfo"], rc: protocol.RoundConfig,
             global_state: adapters.State, context: RoundContext) -> RoundOutcome:
-        content = {protocol.GLOBAL_ADAPTER: adapters.to_array_record(global_state),
-                   protocol.ROUND_CONFIG: rc.to_record()}
+        content = {**context.adapter_records(global_state), protocol.ROUND_CONFIG: rc.to_record()}
         messages = [Message(RecordDict(dict(content)), dst_node_id=s.node_id, message_type=protocol.TRAIN)
                     for s in selected]
         replies = exchange.send_and_receive(grid, messages, context.timeout)

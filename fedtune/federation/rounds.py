@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedtune import adapters
@@ -57,11 +57,21 @@ class RoundContext:
     ledger: PrivacyLedger
     spec: adapters.UpdateSpec
     timeout: Optional[float]
+    # The frozen reference adapter every site receives beside the global one (DPO from a trained
+    # start, fedtune.federation.reference); None: the task has none, or it is the base model.
+    reference: Optional[adapters.State] = None
 
     @property
     def names(self) -> list[str]:
         """The aggregated tensors in the order both sides flatten them."""
         return sorted(self.spec.shapes)
+
+    def adapter_records(self, global_state: adapters.State) -> dict[str, ArrayRecord]:
+        """What a site trains from, as records: the global adapter, and the reference if there is one."""
+        records = {protocol.GLOBAL_ADAPTER: adapters.to_array_record(global_state)}
+        if self.reference is not None:
+            records[protocol.REFERENCE_ADAPTER] = adapters.to_array_record(self.reference)
+        return records
 
 
 class RoundProtocol(Protocol):

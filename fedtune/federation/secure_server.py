@@ -208,11 +208,12 @@ def masked_input(rnd: SecureRound, routed: dict[int, dict[int, bytes]], quant: Q
     Every sharer that did not refuse is charged, answered or not.  Returns the masked
     vectors by index; a lost or malformed one makes its site a dropout.
     """
-    adapter = adapters.to_array_record(global_state)
+    adapter_records = rnd.context.adapter_records(global_state)
     requests = {}
     for i, received in routed.items():
         requests[i] = wire.MaskRequest(quantizer=quant, shares=received).to_record()
-        requests[i][protocol.GLOBAL_ADAPTER] = adapter
+        for name, record in adapter_records.items():
+            requests[i][name] = record
     replies, _ = rnd.send(protocol.STAGE_MASK, requests)
     # The flattened trainable tensors, then the weight n.
     length = sum(int(np.prod(shape)) for shape in rnd.context.spec.shapes.values()) + 1

@@ -27,7 +27,8 @@ from flwr.serverapp import Grid
 
 from fedtune import adapters, governance
 from fedtune.config import FedtuneConfig
-from fedtune.federation import continual, run_files
+from fedtune.checkpoint import peft_key_map
+from fedtune.federation import continual, reference, run_files
 from fedtune.federation.evaluator import (
     Evaluator,
     RoundFinisher,
@@ -151,6 +152,9 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
     plan = options.version.plan if options.version is not None else None
     if plan is not None:
         identity["version"] = continual.version_identity(plan)
+    # What the run starts from, read once: DPO's frozen reference, even for a resumed run.
+    start = reference.run_start(cfg, plan, peft_key_map(built.model))
+    identity.update(reference.reference_identity(cfg, start, plan))
     adapter = GlobalAdapter(built.model, run_dir, identity, optimizer)
     start_round = adapter.resume() + 1
     if plan is not None and start_round == 1:
@@ -158,12 +162,15 @@ def prepare(grid: Grid, cfg: FedtuneConfig, run_dir: Path, options: ServerOption
         if plan.parent_dir is not None:
             adapter.start_from(plan.parent_dir / "checkpoint", plan.first_round - 1)
         start_round = plan.first_round
+    elif start is not None and start_round == 1:
+        adapter.begin_at(start.state)
     spec = adapters.UpdateSpec({n: adapter.state[n].shape for n in strategy.trainable_names(built.model)},
                                cfg.federation.max_update_bytes)
     ledger = PrivacyLedger(options.ledger_path or run_dir / "server_ledger.sqlite",
                            accountant=cfg.privacy.accountant, run=run_id_of(run_dir))
     protocol = options.round_protocol or default_protocol(cfg)
-    context = RoundContext(ledger=ledger, spec=spec, timeout=options.round_timeout_s)
+    context = RoundContext(ledger=ledger, spec=spec, timeout=options.round_timeout_s,
+                           reference=reference.reference_state(cfg, start))
     scheduler = Scheduler(grid, ledger, protocol.min_sites, options.wait_timeout_s, cfg.federation.sites_per_round,
                           options.enrolled, cfg.federation.seed)
     return ServerRun(grid, cfg, run_dir, built, strategy, adapter, context, protocol, scheduler), start_round
@@ -191,7 +198,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
                             round_protocol, pooled_data, opened)
     table = RoundTable(show_progress, progress_file)
     run, start_round = prepare(grid, cfg, run_dir, options)
-    evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data))
+    evaluator = Evaluator(run.built.model, run.built.tokenizer, cfg, held_out_records(cfg, pooled_data),
+                          reference=run.context.reference)
     run.directory = open_directory(grid, cfg.federation.num_sites, wait_timeout_s, enrolled,
                                    describe_all=cfg.federation.sites_per_round is None)
     run.sites = run.directory.sites

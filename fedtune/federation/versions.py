@@ -113,6 +113,18 @@ class GlobalAdapter:
         self.round = last_round
         log.info("starting from the parent version's adapter (%s)", parent_checkpoint)
 
+    def begin_at(self, state: adapters.State) -> None:
+        """Begin a new run at ``state`` (``train.start_adapter``) instead of a fresh LoRA.
+
+        The records of this run form their own chain (its first names no parent, so
+        ``fedtune record verify`` checks the run alone); they state the start's record hash
+        in ``start_adapter`` instead (fedtune.federation.reference).
+        """
+        if set(state) != set(self.state):
+            raise ValueError("the start adapter does not hold exactly this model's adapter tensors")
+        self.state = {n: v.copy() for n, v in state.items()}
+        log.info("starting from the given adapter (train.start_adapter)")
+
     def _resume_optimizer(self) -> None:
         """The server optimiser's moments of the checkpoint's round; refuses another optimiser's."""
         path = self.optimizer_path(self.round)
