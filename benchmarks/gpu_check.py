@@ -3,7 +3,8 @@
 1. DP-SGD step time over the plain step with a bfloat16 base, batch 16 x 256 tokens, at
    about 350M and 1B parameters (Llama shapes built from a config with random weights:
    the step's time does not depend on the values), with and without gradient
-   checkpointing; tokens/s and peak CUDA memory of each.  The goal: DP <= 1.1x plain at 1B.
+   checkpointing, and with a 4-bit NF4 base (QLoRA, model.quantization=4bit); tokens/s and
+   peak CUDA memory of each.  The goal: DP <= 1.1x plain at 1B.
    The repeats interleave (plain, DP, plain, DP, ...) so that drift hits both.
 2. A 3-site simulation that trains on the GPU (federation.gpus_per_site=0.3, bfloat16
    base), started as a user starts it (`fedtune simulate`), its exit status and rounds.
@@ -25,14 +26,17 @@ from typing import Any
 
 # (hidden, layers, heads, intermediate): ~0.4B and ~1.0B parameters in their transformer blocks.
 SHAPES = {"tiny": (64, 2, 2, 128), "350m": (1024, 24, 16, 4096), "1b": (2048, 20, 16, 5632)}
+# The base's memory form in each row: bfloat16, bfloat16 + gradient checkpointing, NF4 (QLoRA).
+VARIANTS = ("bf16", "checkpointing", "4bit")
 
 
-def build(shape: str, device: str, checkpointing: bool) -> Any:
+def build(shape: str, device: str, variant: str) -> Any:
     from fedtune.config import ModelConfig
     from fedtune.models import build_fingerprinted_model
 
     hidden, layers, heads, intermediate = SHAPES[shape]
-    cfg = ModelConfig(dtype="bfloat16", gradient_checkpointing=checkpointing)
+    cfg = ModelConfig(dtype="bfloat16", gradient_checkpointing=variant == "checkpointing",
+                      quantization="4bit" if variant == "4bit" else None)
     cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.num_heads = hidden, layers, heads
     cfg.tiny.intermediate_size, cfg.tiny.max_position_embeddings = intermediate, 512
     built = build_fingerprinted_model(cfg)
@@ -84,8 +88,8 @@ def peak_memory_gb(model: Any, batch: Any, private: bool, device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def measure(shape: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
-    built = build(shape, args.device, checkpointing)
+def measure(shape: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    built = build(shape, args.device, variant)
     batch = fixed_batch(built, args.batch, args.length, args.device)
     for private in (False, True):
         timed_step(built.model, batch, private, args.device)  # warm-up: kernels, allocator
@@ -94,8 +98,10 @@ def measure(shape: str, checkpointing: bool, args: argparse.Namespace) -> dict[s
         plain.append(timed_step(built.model, batch, False, args.device))
         dp.append(timed_step(built.model, batch, True, args.device))
     tokens = int(batch.attention_mask.sum())
-    result = {"shape": shape, "checkpointing": checkpointing,
-              "params": sum(p.numel() for p in built.model.parameters()),
+    result = {"shape": shape, "variant": variant,
+              # an NF4 weight holds two values a byte: count the shape it was quantised from
+              "params": sum(getattr(getattr(p, "quant_state", None), "shape", p.shape).numel()
+                            for p in built.model.parameters()),
               "plain_s": statistics.median(plain), "dp_s": statistics.median(dp), "tokens": tokens,
               "plain_gb": peak_memory_gb(built.model, batch, False, args.device),
               "dp_gb": peak_memory_gb(built.model, batch, True, args.device)}
@@ -108,7 +114,7 @@ def measure(shape: str, checkpointing: bool, args: argparse.Namespace) -> dict[s
 
 
 def print_row(r: dict[str, Any]) -> None:
-    print(f"{r['shape']:>5} {r['params'] / 1e9:5.2f}B  checkpointing {'on ' if r['checkpointing'] else 'off'}  "
+    print(f"{r['shape']:>5} {r['params'] / 1e9:5.2f}B  {r['variant']:>13}  "
           f"plain {r['plain_s']:7.3f} s  DP {r['dp_s']:7.3f} s  DP/plain {r['dp_s'] / r['plain_s']:.3f}x  "
           f"DP {r['tokens'] / r['dp_s']:8.0f} tok/s  memory plain {r['plain_gb']:.1f} GB, DP {r['dp_gb']:.1f} GB",
           flush=True)
@@ -147,8 +153,8 @@ def main() -> None:
           f"batch {args.batch} x {args.length} tokens, bfloat16 base, LoRA r8 float32, median of {args.repeats}")
     results = []
     for shape in args.sizes.split(","):
-        for checkpointing in (False, True):
-            results.append(measure(shape, checkpointing, args))
+        for variant in VARIANTS:
+            results.append(measure(shape, variant, args))
             print_row(results[-1])
     if not args.skip_simulation:
         sim = simulation(out)

@@ -263,9 +263,9 @@ def worker_convert(key: str, cache_dir: Optional[str]) -> dict:
 
 # --- driver ------------------------------------------------------------------------------
 
-def run_worker(args: argparse.Namespace, *worker: str, script: str = __file__) -> dict:
-    """Run one worker of ``script`` in a fresh interpreter; its last stdout line is its JSON result."""
-    cmd = [sys.executable, script, "--threads", str(args.threads), "--repeats", str(args.repeats),
+def run_worker(args: argparse.Namespace, *worker: str, script: str = __file__, extra: tuple[str, ...] = ()) -> dict:
+    """Run one worker of ``script`` (with its own ``extra`` options) in a fresh interpreter; its last stdout line is its JSON result."""
+    cmd = [sys.executable, script, "--threads", str(args.threads), "--repeats", str(args.repeats), *extra,
            "--worker", *worker]
     if args.cache_dir:
         cmd += ["--cache-dir", args.cache_dir]
