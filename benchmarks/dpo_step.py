@@ -6,6 +6,9 @@ Each mode runs in its own fresh subprocess (so peak RSS is its own), on the same
 batch and thread count.  Modes:
   sft-plain  non-private SFT step          sft-dp   DP-SGD SFT step (Opacus hooks)
   dpo-plain  non-private DPO step          dpo-dp   DP-SGD DPO step (one clipped gradient per pair)
+  dpo-ref-plain, dpo-ref-dp: the same against a reference *adapter* (DPO from an SFT start):
+             the reference values are computed once per round before the steps (DPO.with_reference),
+             so the step has no reference pass; "ref s" is that pass over the batch's pairs
 The issue's goal is DP-DPO ≤ 1.1× non-private DPO.
 Step time is the fastest of ``--steps`` timed steps (after a warm-up), robust to a shared machine.
 Usage: python benchmarks/dpo_step.py [--sizes tiny,50m] [--steps 10] [--batch 16]
@@ -25,7 +28,7 @@ SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176),
     "50m": dict(hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1728),
 }
-MODES = ("sft-plain", "sft-dp", "dpo-plain", "dpo-dp")
+MODES = ("sft-plain", "sft-dp", "dpo-plain", "dpo-dp", "dpo-ref-plain", "dpo-ref-dp")
 
 
 def worker(size: str, mode: str, steps: int, batch: int) -> dict:
@@ -46,7 +49,13 @@ def worker(size: str, mode: str, steps: int, batch: int) -> dict:
     task = get_task(task_name)
     pairs = demo_preference_corpus(batch, seed=0)
     records = pairs if task_name == "dpo" else [Record(p.prompt, p.response) for p in pairs]
-    b = task.collate(task.encode_all(records, tok, 160), tok.pad_token_id)
+    examples = task.encode_all(records, tok, 160)
+    reference_s = 0.0
+    if "-ref-" in mode:
+        started = time.perf_counter()
+        examples = task.with_reference(model, examples, tok.pad_token_id, batch)
+        reference_s = time.perf_counter() - started
+    b = task.collate(examples, tok.pad_token_id)
     params = DPSGDParams(1.0, 1.0, 0.5, steps, 1e-3, "adam", private=mode.endswith("-dp"))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with DPSGDTrainer(task, model, params, num_records=2 * batch, noise_seed=0) as trainer:
@@ -60,7 +69,7 @@ def worker(size: str, mode: str, steps: int, batch: int) -> dict:
         seconds = min(times)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"size": size, "mode": mode, "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
-            "peak_rss_mb": rss_after / 1024, "step_rss_mb": (rss_after - rss_before) / 1024}
+            "reference_s": reference_s, "peak_rss_mb": rss_after / 1024, "step_rss_mb": (rss_after - rss_before) / 1024}
 
 
 def run_mode(size: str, mode: str, args: argparse.Namespace) -> dict:
@@ -81,15 +90,15 @@ def main() -> None:
         return
     print(f"{args.batch} demo pairs a step (prompt + answer ≤ 117 tokens), LoRA r=8, "
           f"{os.environ.get('BENCH_THREADS', '2')} threads")
-    print(f"{'size':>5} {'params':>8} {'mode':>10} {'step s':>7} {'x dpo-plain':>11} {'x sft-dp':>8} "
-          f"{'peak MB':>8} {'step MB':>8}")
+    print(f"{'size':>5} {'params':>8} {'mode':>13} {'step s':>7} {'x dpo-plain':>11} {'x sft-dp':>8} "
+          f"{'peak MB':>8} {'step MB':>8} {'ref s':>6}")
     for size in args.sizes.split(","):
         results = {mode: run_mode(size, mode, args) for mode in MODES}
         for mode, r in results.items():  # printed as soon as a size is done
-            print(f"{size:>5} {r['params'] / 1e6:>7.1f}M {mode:>10} {r['step_s']:>7.3f} "
+            print(f"{size:>5} {r['params'] / 1e6:>7.1f}M {mode:>13} {r['step_s']:>7.3f} "
                   f"{r['step_s'] / results['dpo-plain']['step_s']:>11.2f} "
                   f"{r['step_s'] / results['sft-dp']['step_s']:>8.2f} {r['peak_rss_mb']:>8.0f} "
-                  f"{r['step_rss_mb']:>8.0f}", flush=True)
+                  f"{r['step_rss_mb']:>8.0f} {r['reference_s']:>6.3f}", flush=True)
 
 
 if __name__ == "__main__":
