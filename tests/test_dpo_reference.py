@@ -194,8 +194,10 @@ def test_sft_then_dpo_as_two_versions_uses_the_sft_adapter_as_the_frozen_referen
     info = json.loads((v2 / "version.json").read_text())
     assert info["parent"] == 1 and info["start_eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     record = json.loads((v2 / "adapters" / "round_002" / "adapter_record.json").read_text())
-    assert record["reference_policy"] == {"kind": "start adapter", "record_sha256": record_hash(sft_record),
-                                          "version": "v0001"}
+    assert record["dpo"] == {"beta": 0.1, "reference_policy": {
+        "kind": "start adapter", "record_sha256": record_hash(sft_record), "version": "v0001"}}
+    card = (v2 / "adapters" / "round_002" / "ADAPTER_CARD.md").read_text()
+    assert f"reference policy the start adapter, frozen (record {record_hash(sft_record)}, version v0001)" in card
     assert record["parent"] == record_hash(sft_record) and record["base_model"]["task"] == "dpo"
     row = json.loads((v2 / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(row["eval_margin"]) and row["eval_loss"] != pytest.approx(math.log(2), abs=1e-6)
@@ -208,7 +210,7 @@ def test_sft_then_dpo_as_two_versions_uses_the_sft_adapter_as_the_frozen_referen
                         train__start_adapter=str(v1 / "adapters" / "round_001"))
     assert run_inprocess(named).rounds_completed == 1
     record = json.loads((tmp_path / "named" / "adapters" / "round_001" / "adapter_record.json").read_text())
-    assert record["reference_policy"]["record_sha256"] == record_hash(sft_record) and record["parent"] is None
+    assert record["dpo"]["reference_policy"]["record_sha256"] == record_hash(sft_record) and record["parent"] is None
     assert record["start_adapter"] == {"record_sha256": record_hash(sft_record)}
     assert verify(tmp_path / "named")[1] == []
 
@@ -233,8 +235,10 @@ def test_a_dpo_run_names_its_start_adapter_which_is_its_reference(tmp_path: Path
     sent = reference.reference_state(cfg, start)
     assert sent is not None and all(np.array_equal(sent[n], state[n]) for n in state)
     identity = reference.reference_identity(cfg, start, None)
-    assert identity["reference_policy"]["record_sha256"] == record_hash(start_record)
+    assert identity["dpo"]["reference_policy"]["record_sha256"] == record_hash(start_record)
     assert identity["start_adapter"] == {"record_sha256": record_hash(start_record)}
+    assert reference.reference_identity(cfg, None, None) == {"dpo": {"beta": 0.1, "reference_policy": {
+        "kind": "base model"}}} and reference.reference_state(cfg, None) is None  # a fresh LoRA: the base, not sent
     cfg.model.task = "causal_lm"  # SFT from a start: it starts there, and sends no reference
-    assert reference.reference_state(cfg, start) is None and "reference_policy" not in reference.reference_identity(
+    assert reference.reference_state(cfg, start) is None and "dpo" not in reference.reference_identity(
         cfg, start, None)

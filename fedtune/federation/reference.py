@@ -93,16 +93,16 @@ def reference_state(cfg: FedtuneConfig, start: Optional[StartAdapter]) -> Option
 
 def reference_identity(cfg: FedtuneConfig, start: Optional[StartAdapter], plan: Optional[VersionPlan]
                        ) -> dict[str, Any]:
-    """What every adapter record of the run states about its start and, for DPO, its reference policy."""
+    """What every adapter record of the run states about its start and, for DPO, its β and reference policy."""
     identity: dict[str, Any] = {}
     if start is not None and plan is None:
         identity["start_adapter"] = {"record_sha256": start.record_sha256}
     if get_task(cfg.model.task).uses_reference:
         if start is None:
-            identity["reference_policy"] = {"kind": "base model"}
+            policy: dict[str, Any] = {"kind": "base model"}
         else:
             parent = plan.parent if plan is not None else None
-            identity["reference_policy"] = {
-                "kind": "start adapter", "record_sha256": start.record_sha256,
-                "version": None if parent is None else version_name(parent)}
+            policy = {"kind": "start adapter", "record_sha256": start.record_sha256,
+                      "version": None if parent is None else version_name(parent)}
+        identity["dpo"] = {"beta": float(cfg.train.dpo_beta), "reference_policy": policy}
     return identity

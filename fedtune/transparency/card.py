@@ -35,6 +35,14 @@ def _method(record: dict[str, Any]) -> list[str]:
     else:
         lines.append("- Not differentially private (privacy.enabled=false)")
     lines.append(f"- Secure aggregation: {'on' if method.get('secure_aggregation') else 'off'}")
+    if "start_adapter" in record:
+        lines.append(f"- Started from the adapter of record {record['start_adapter'].get('record_sha256')}")
+    if "dpo" in record:
+        policy = record["dpo"].get("reference_policy", {})
+        reference = ("the base model (adapter disabled)" if policy.get("kind") == "base model" else
+                     f"the start adapter, frozen (record {policy.get('record_sha256')}"
+                     + (f", version {policy['version']})" if policy.get("version") else ")"))
+        lines.append(f"- DPO: β = {record['dpo'].get('beta')}, reference policy {reference}")
     return lines
 
 
