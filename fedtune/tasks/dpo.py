@@ -117,8 +117,9 @@ def frozen(model: torch.nn.Module, adapter: bool) -> Iterator[None]:
     """A frozen policy: eval mode (no dropout), no gradient, and the adapter on or (the base) off."""
     was_training = model.training
     model.eval()
+    switch = contextlib.nullcontext() if adapter else model.disable_adapter()  # type: ignore[operator]
     try:
-        with torch.no_grad(), (contextlib.nullcontext() if adapter else model.disable_adapter()):  # type: ignore[operator]
+        with torch.no_grad(), switch:
             yield
     finally:
         model.train(was_training)
