@@ -12,8 +12,10 @@ from fedtune.apps import make_client_app
 from fedtune.config import FedtuneConfig
 from fedtune.experiments.engine import run_inprocess
 from fedtune.federation import protocol
+from fedtune.federation.client import SimulatedSites
 from fedtune.federation.membership import SiteDirectory
 from fedtune.federation.server import run_server
+from fedtune.secagg.signing import simulated_identity
 
 from conftest import InProcessGrid, tiny_config
 
@@ -71,3 +73,15 @@ def test_two_thousand_sites_cost_about_what_twenty_do(tmp_path: Path) -> None:
         assert len(report["sites"]) <= 20  # the report grows with the sites that took part
     # Describing every site first made it 5.6x (measured 55 s against 9.8 s).
     assert seconds[2000] < 2.5 * seconds[20], seconds
+
+
+def test_a_simulated_roster_is_answered_by_rule_not_listed() -> None:
+    """Every message rebuilds a site's identity: its roster must not list, or derive keys for, 10,000 sites."""
+    sites = SimulatedSites(10_000, "site-05")
+    assert "site-9999" in sites and "site-10000" not in sites and "site-005" not in sites and len(sites) == 10_000
+    assert list(SimulatedSites(2, "hosp-a")) == ["hosp-a", "site-00", "site-01"] and len(SimulatedSites(2, "x")) == 3
+    started = time.perf_counter()
+    me, peer = (simulated_identity("run", name, SimulatedSites(10_000, name)) for name in ("site-05", "site-9876"))
+    assert time.perf_counter() - started < 0.5  # deriving all 10,000 keys took seconds
+    assert me.verify("site-9876", b"keys", peer.sign(b"keys"))
+    assert not me.verify("site-10000", b"keys", peer.sign(b"keys")) and not me.verify("site-06", b"keys", peer.sign(b"keys"))
