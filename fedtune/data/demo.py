@@ -9,6 +9,7 @@ perplexity visibly falls within a few federated rounds.
 
 from __future__ import annotations
 
+import functools
 import random
 
 from fedtune.data.records import Record
@@ -87,11 +88,21 @@ def make_note(rng: random.Random, speciality: str) -> str:
 
 
 def demo_corpus(n_records: int, seed: int = 0) -> list[Record]:
-    """``n_records`` notes, specialities in equal shares, labelled by ``group``."""
+    """``n_records`` notes, specialities in equal shares, labelled by ``group``.
+
+    Built once per process and size: a simulation's checks, its server's held-out split
+    and its in-process sites each read the corpus, and at 10,000 sites (30,000 notes)
+    each build took a second.  Records are frozen; each caller gets its own list.
+    """
+    return list(_demo_notes(n_records, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_notes(n_records: int, seed: int) -> tuple[Record, ...]:
     rng = random.Random(seed)
     names = speciality_names()
-    return [Record(prompt="", response=make_note(rng, names[i % len(names)]), group=names[i % len(names)])
-            for i in range(n_records)]
+    return tuple(Record(prompt="", response=make_note(rng, names[i % len(names)]), group=names[i % len(names)])
+                 for i in range(n_records))
 
 
 def demo_classification_corpus(n_records: int, seed: int = 0) -> list[Record]:
