@@ -13,6 +13,7 @@ after spending privacy budget.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ SERVER_OPTIMIZERS = tuple(SERVER_OPTIMIZER_FIELDS)
 OPTIMIZERS = ("sgd", "adam")
 # Dtypes of the frozen base weights (model.dtype); the trained tensors are always float32.
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# model.quantization values (null: the base in model.dtype); fedtune.quantization does it.
+QUANTIZATIONS = ("4bit",)
+MIN_BITSANDBYTES = (0, 46)
+QUANTIZATION_INSTALL_HINT = ("Install it: pip install 'fedtune[qlora]' (bitsandbytes>=0.46), "
+                             "or set model.quantization=null.")
 # How a classifier reads its encoder (model.pooling; fedtune.tasks.pooling): auto takes the
 # checkpoint's own sentence pooling when it declares one (sentence-transformers), else head;
 # head is the transformers class's own head; mean and cls pool the token states.
@@ -546,12 +552,25 @@ def validate_model_dtype(m: ModelConfig) -> None:
                 "Use model.dtype=bfloat16 on CPU (or float32); float16 is for parties that compute on a GPU.")
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int("".join(ch for ch in piece if ch.isdigit()) or 0) for piece in text.split(".")[:2])
+
+
+def check_quantization_available(field_name: str = "model.quantization") -> None:
+    """bitsandbytes is importable and new enough for NF4 on CPU (0.46); a ConfigError naming the field if not."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(field_name, "4-bit quantisation needs bitsandbytes, which is not installed",
+                          QUANTIZATION_INSTALL_HINT)
+    version = importlib.metadata.version("bitsandbytes")
+    if _version_tuple(version) < MIN_BITSANDBYTES:
+        raise ConfigError(field_name, f"bitsandbytes {version} is too old (NF4 on CPU needs 0.46 or later)",
+                          QUANTIZATION_INSTALL_HINT)
+
+
 def validate_model_quantization(m: ModelConfig) -> None:
-    """model.quantization is null or known, and bitsandbytes is there to do it."""
+    """model.quantization is null or known, and bitsandbytes is there to do it (fedtune.quantization)."""
     if m.quantization is None:
         return
-    from fedtune.quantization import QUANTIZATIONS, check_quantization_available
-
     _choice(m.quantization, QUANTIZATIONS, "model.quantization")
     check_quantization_available("model.quantization")
 

@@ -22,47 +22,21 @@ with ``model.to(device)`` afterwards, which bitsandbytes supports for quantised 
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
-from typing import TYPE_CHECKING
 
+import torch
+
+from fedtune.config import check_quantization_available
 from fedtune.errors import ConfigError
-
-if TYPE_CHECKING:  # torch is imported where a model is touched: config validation stays light
-    import torch
 
 log = logging.getLogger(__name__)
 
-# model.quantization values; null is the float base in model.dtype.
-QUANTIZATIONS = ("4bit",)
-MIN_BITSANDBYTES = (0, 46)
 # Heads and anything a task trains stay full precision (QLoRA keeps the output layer too).
 KEEP_FULL_PRECISION = frozenset({"lm_head", "score", "classifier"})
-INSTALL_HINT = "Install it: pip install 'fedtune[qlora]' (bitsandbytes>=0.46), or set model.quantization=null."
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
-def check_quantization_available(field: str = "model.quantization") -> None:
-    """bitsandbytes is importable and new enough for NF4 on CPU; a ConfigError naming ``field`` if not."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(field, "4-bit quantisation needs bitsandbytes, which is not installed", INSTALL_HINT)
-    version = importlib.metadata.version("bitsandbytes")
-    if _version_tuple(version) < MIN_BITSANDBYTES:
-        raise ConfigError(field, f"bitsandbytes {version} is too old (NF4 on CPU needs 0.46 or later)", INSTALL_HINT)
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the dequantised weights are multiplied in: the base's own (model.dtype)."""
-    import torch
-
     for param in model.parameters():
         if param.is_floating_point():
             return param.dtype
@@ -71,7 +45,6 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def _to_4bit(layer: torch.nn.Linear, compute_dtype: torch.dtype) -> torch.nn.Module:
     import bitsandbytes as bnb
-    import torch
 
     quantised = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                   compute_dtype=compute_dtype, quant_type="nf4", device="meta")
@@ -89,8 +62,6 @@ def quantize_base(model: torch.nn.Module) -> int:
     LoRA layer, whose lora_A/lora_B are plain float32 ``nn.Linear`` modules, so Opacus'
     per-record hooks see exactly what they see over a float base.
     """
-    import torch
-
     check_quantization_available()
     compute_dtype = _compute_dtype(model)
     replaced = 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fedtune.config import ACCOUNTANTS, DATA_FORMATS, load_structured
+from fedtune.config import ACCOUNTANTS, DATA_FORMATS, QUANTIZATIONS, check_quantization_available, load_structured
 from fedtune.errors import ConfigError, require
 from fedtune.privacy.policy import SitePolicy, validate_policy
 
@@ -254,8 +254,6 @@ def _validate_manifest(manifest: DataManifest) -> None:
 def _check_quantization(site: SiteConfig) -> None:
     if site.model_quantization is None:
         return
-    from fedtune.quantization import QUANTIZATIONS, check_quantization_available
-
     require(site.model_quantization in QUANTIZATIONS, "model_quantization",
             f"{site.model_quantization!r} is not one of {', '.join(QUANTIZATIONS)}",
             "Use 4bit, or null for the full-precision base.")
