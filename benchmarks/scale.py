@@ -20,7 +20,10 @@ setup and first evaluation, and what round 1 pays once, such as Ray's actors sta
 each process building its model), the last round's wall time, peak memory of the process
 and all its descendants, Ray's included, sampled every 0.5 s (the sum of RSS, an upper
 bound that counts shared pages in every process, and the sum of PSS), and the ratios to
-the smallest federation and to the trivial app.
+the smallest federation and to the trivial app.  Each round is also given in CPU
+seconds of the benchmark's own process, which the machine's other load barely changes:
+for the in-process engine all of the round's work; under Ray the driver's (the ServerApp
+and Flower's engine threads), not the sites'.
 Usage: python benchmarks/scale.py [--sites 100,1000,10000] [--per-round 20] [--rounds 2]
        [--engines inprocess,flower,trivial] [--secagg off,on] [--timeout 900]
 """
@@ -103,19 +106,24 @@ def fedtune_config(num_sites: int, per_round: int, rounds: int, secagg: bool, ru
     return cfg
 
 
-def timed_rounds() -> list[tuple[float, float]]:
-    """(start, end) of each round the server plays in this process (fedtune's ServerRun.play, patched)."""
+def timed_rounds(cpu: list[float]) -> list[tuple[float, float]]:
+    """(start, end) of each round the server plays in this process (fedtune's ServerRun.play, patched).
+
+    ``cpu`` gets each round's CPU seconds of this process: for the in-process engine all of
+    the round's work, a measure that the machine's other load barely moves.
+    """
     from fedtune.federation.server import ServerRun
 
     spans: list[tuple[float, float]] = []
     play = ServerRun.play
 
     def timed(self, round_number, finisher):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             return play(self, round_number, finisher)
         finally:
             spans.append((start, time.perf_counter()))
+            cpu.append(time.process_time() - cpu_start)
 
     ServerRun.play = timed  # type: ignore[method-assign]
     return spans
@@ -201,7 +209,8 @@ def worker(engine: str, num_sites: int, per_round: int, rounds: int, secagg: boo
 
     torch.set_num_threads(1)
     cfg = fedtune_config(num_sites, per_round, rounds, secagg, run_dir)
-    spans = timed_rounds()
+    cpu: list[float] = []
+    spans = timed_rounds(cpu)
     runners: dict[str, Callable[[], int]] = {"inprocess": lambda: run_inprocess(cfg),
                                              "flower": lambda: run_flower(cfg),
                                              "trivial": lambda: run_trivial(cfg, spans)}
@@ -215,7 +224,7 @@ def worker(engine: str, num_sites: int, per_round: int, rounds: int, secagg: boo
     return {"engine": engine, "secagg": secagg, "sites": num_sites, "total_s": total, "rounds": len(spans),
             "startup_s": spans[0][1] - start - steady if spans else None,
             "to_round_1_s": spans[0][0] - start if spans else None,
-            "round_s": [end - begin for begin, end in spans], "describes": describes, "peak_mb": memory.mb,
+            "round_s": [end - begin for begin, end in spans], "round_cpu_s": cpu, "describes": describes, "peak_mb": memory.mb,
             "peak_pss_mb": memory.pss_mb}
 
 
@@ -246,8 +255,9 @@ def print_table(results: list[dict[str, Any]], per_round: int, rounds: int) -> N
     print(f"{per_round} sites a round, {rounds} rounds, tiny model, ~3 records per site; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at the end")
     print(f"{'engine':22s} {'sites':>6s} {'start-up':>9s} {'x small':>7s} {'x trivial':>9s} {'round':>8s} "
-          f"{'x small':>7s} {'RSS MB':>8s} {'PSS MB':>8s} {'describes':>9s}")
+          f"{'x small':>7s} {'CPU':>7s} {'x small':>7s} {'RSS MB':>8s} {'PSS MB':>8s} {'describes':>9s}")
     smallest: dict[str, dict[str, Any]] = {}
+    nan = float("nan")
     trivial = {r["sites"]: r for r in results if r["engine"] == "trivial" and "failed" not in r}
     for r in results:
         if "failed" in r:
@@ -258,9 +268,11 @@ def print_table(results: list[dict[str, Any]], per_round: int, rounds: int) -> N
             continue
         first = smallest.setdefault(_label(r), r)
         last_round = r["round_s"][-1]
-        vs_trivial = r["startup_s"] / trivial[r["sites"]]["startup_s"] if r["sites"] in trivial else float("nan")
+        vs_trivial = r["startup_s"] / trivial[r["sites"]]["startup_s"] if r["sites"] in trivial else nan
+        cpu, first_cpu = (r.get("round_cpu_s") or [nan])[-1], (first.get("round_cpu_s") or [nan])[-1]
         print(f"{_label(r):22s} {r['sites']:6d} {r['startup_s']:8.1f}s {r['startup_s'] / first['startup_s']:6.2f}x "
               f"{vs_trivial:8.2f}x {last_round:7.2f}s {last_round / first['round_s'][-1]:6.2f}x "
+              f"{cpu:6.2f}s {cpu / first_cpu:6.2f}x "
               f"{r['peak_mb']:8.0f} {r.get('peak_pss_mb', float('nan')):8.0f} "
               f"{r['describes'] if r['describes'] >= 0 else '-':>9}")
 
