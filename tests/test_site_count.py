@@ -60,12 +60,12 @@ def test_the_harness_gives_by_field_runs_the_data_s_count(tmp_path: Path) -> Non
 
 
 def test_a_number_the_data_does_not_make_names_the_right_one(tmp_path: Path) -> None:
-    cfg = _by_field(tmp_path, num_sites=4)
-    check_config(cfg)
-    with pytest.raises(ConfigError) as err:
-        check_data(cfg)
-    assert err.value.field == "federation.num_sites"
-    assert "data.group_field" in str(err.value) and "federation.num_sites=5" in str(err.value)
+    for check in (check_config, check_data):  # before the settings are printed, and wherever data is split
+        with pytest.raises(ConfigError) as err:
+            check(_by_field(tmp_path, num_sites=4))
+        assert err.value.field == "federation.num_sites"
+        assert "data.group_field" in str(err.value) and "federation.num_sites=5" in str(err.value)
+    check_config(_by_field(tmp_path, num_sites=5))
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])

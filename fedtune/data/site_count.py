@@ -2,7 +2,7 @@
 
 A LEAF-style federation has one site per speaker (writer, user) with enough records, a
 number the researcher should not have to count by hand.  ``federation.num_sites=null``
-asks for it: :func:`resolve_num_sites` reads the data once, before anything is built,
+asks for it: :func:`resolve_num_sites` counts them in the data before anything is built,
 and writes the count into the config, so every consumer (the validation, the secure
 aggregation parameters, Flower's or the in-process engine, the reports and the resolved
 ``config.yaml``) sees one plain number.
@@ -15,7 +15,7 @@ import logging
 from fedtune.config import DataConfig, FedtuneConfig, validate_data, validate_num_sites_source
 from fedtune.data import split_records
 from fedtune.data.partition import partition
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,15 @@ def count_field_sites(cfg: DataConfig) -> int:
 
 
 def resolve_num_sites(cfg: FedtuneConfig) -> None:
-    """Fill in a null ``federation.num_sites`` from the data (by_field only); a number is left as it is.
+    """Fill in a null ``federation.num_sites`` from the data (by_field only), or check a number against it.
 
     Idempotent: an entry point may call it and hand the config on to another that calls
-    it again.  An explicit number that disagrees with the data is refused where the data
-    is partitioned (:func:`fedtune.data.partition.partition`), naming the number it makes.
+    it again.  With by_field an explicit number the data does not make is refused here,
+    before anything is printed or started, naming the number it makes.
     """
     f, d = cfg.federation, cfg.data
     validate_num_sites_source(f.num_sites, d)
-    if f.num_sites is not None:
+    if d.partition != "by_field":
         return
     validate_data(d, None)  # the file exists and by_field names its field, before it is read
     count = count_field_sites(d)
@@ -49,6 +49,14 @@ def resolve_num_sites(cfg: FedtuneConfig) -> None:
                           f"no data.group_field={d.group_field} value has {d.min_records_per_site} or more training "
                           "records, so data.partition=by_field makes no site",
                           "Lower data.min_records_per_site, or check data.group_field names the records' owner.")
+    if f.num_sites is not None:
+        require(f.num_sites == count, "federation.num_sites",
+                f"data.partition=by_field makes one site per distinct data.group_field={d.group_field} value with "
+                f"at least data.min_records_per_site={d.min_records_per_site} training records: this data has "
+                f"{count}, not {f.num_sites}",
+                f"Set federation.num_sites={count} or null (the number the data makes), or change "
+                "data.min_records_per_site.")
+        return
     f.num_sites = count
     log.info("federation.num_sites=%d: one site per data.group_field=%s value with >= %d training records",
              count, d.group_field, d.min_records_per_site)
