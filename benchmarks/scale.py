@@ -14,8 +14,8 @@ subprocess so that one's caches do not speed up the next.  Engines (`--engines`)
   whose ClientApp returns a 4-float array.  The floor any app on Flower pays.
 
 `--secagg off,on` runs the fedtune engines without and with secure aggregation.
-Printed side by side, per engine and size: start-up (from the engine's call to the end of
-round 1, less one steady round: config and data checks, Ray and node start, the server's
+Printed side by side, per engine and size: start-up (from the engine's call to round 1,
+plus round 1's excess over a steady round: config and data checks, Ray and node start, the server's
 setup and first evaluation, and what round 1 pays once, such as Ray's actors starting and
 each process building its model), the last round's wall time, peak memory of the process
 and all its descendants, Ray's included, sampled every 0.5 s (the sum of RSS, an upper
@@ -219,10 +219,11 @@ def worker(engine: str, num_sites: int, per_round: int, rounds: int, secagg: boo
         describes = runners[engine]()
         total = time.perf_counter() - start
     # Ray starts its actors, and fedtune's sites build their model, at the first message: round 1
-    # carries that start-up, so start-up = round 1's end less one steady (the last) round.
+    # carries that start-up, so start-up = the time to round 1 plus round 1's excess over a
+    # steady (the last) round, if any.
     steady = spans[-1][1] - spans[-1][0] if spans else 0.0
     return {"engine": engine, "secagg": secagg, "sites": num_sites, "total_s": total, "rounds": len(spans),
-            "startup_s": spans[0][1] - start - steady if spans else None,
+            "startup_s": spans[0][0] - start + max(0.0, spans[0][1] - spans[0][0] - steady) if spans else None,
             "to_round_1_s": spans[0][0] - start if spans else None,
             "round_s": [end - begin for begin, end in spans], "round_cpu_s": cpu, "describes": describes, "peak_mb": memory.mb,
             "peak_pss_mb": memory.pss_mb}
