@@ -48,6 +48,11 @@ def test_per_pair_gradients_equal_one_pair_backward_passes(tmp_path: Path) -> No
     model, tokenizer = _moved_model(_dpo_config(tmp_path))
     examples = DPO.encode_all(PAIRS, tokenizer, 128)
     assert len({len(e.chosen.input_ids) for e in examples}) == len({len(e.rejected.input_ids) for e in examples}) == 3
+    assert_per_pair_gradients_equal_one_pair_passes(model, tokenizer, examples)
+
+
+def assert_per_pair_gradients_equal_one_pair_passes(model, tokenizer, examples) -> None:
+    """Opacus' per-pair gradients (σ = 0, no clipping) against one backward pass per pair."""
     model.train()
     expected = []
     for example in examples:

@@ -16,13 +16,12 @@ from fedtune.config import FedtuneConfig, validate_train
 from fedtune.errors import ConfigError
 from fedtune.federation import protocol
 from fedtune.models import build_lora_model, lora_parameter_names
-from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer
 from fedtune.tasks import LossSettings, get_task
 from fedtune.tasks.dpo import PreferenceExample
 
 from conftest import tiny_config
 from site_attack import HostileServer, outcome, reason, write_site
-from test_dpo import PAIRS, _dpo_config, _moved_model
+from test_dpo import PAIRS, _dpo_config, _moved_model, assert_per_pair_gradients_equal_one_pair_passes
 
 DPO = get_task("dpo")
 
@@ -85,20 +84,7 @@ def test_per_pair_gradients_with_an_adapter_reference_equal_one_pair_backward_pa
     """The reference values were computed before the hooks: Opacus sees only the policy's two passes."""
     model, tokenizer, examples = _with_start_as_reference(_dpo_config(tmp_path))
     _perturb_adapter(model, seed=2)
-    model.train()
-    expected = []
-    for example in examples:
-        model.zero_grad(set_to_none=True)
-        DPO.per_record_loss(model, DPO.collate([example], tokenizer.pad_token_id)).sum().backward()
-        expected.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    params = DPSGDParams(noise_multiplier=0.0, max_grad_norm=1e6, sample_rate=0.5, steps=1, learning_rate=0.1)
-    with DPSGDTrainer(DPO, model, params, num_records=len(examples)) as trainer:
-        got = trainer.per_record_gradients(DPO.collate(examples, tokenizer.pad_token_id))
-    for i, grads in enumerate(expected):
-        assert sum(float(g.abs().sum()) for g in grads.values()) > 0
-        for name, grad in grads.items():
-            assert got[name].shape[0] == len(examples)
-            torch.testing.assert_close(got[name][i], grad, atol=2e-6, rtol=1e-4)
+    assert_per_pair_gradients_equal_one_pair_passes(model, tokenizer, examples)
 
 
 @pytest.mark.parametrize("beta", [math.nan, math.inf, -0.1, 0.0, 11.0, 1e30, True])
