@@ -91,16 +91,21 @@ def test_dpo_loss_of_a_hand_computed_case() -> None:
     assert float(dpo_loss(margin)) == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
 
 
+def answer_logp_by_hand(model: torch.nn.Module, ex) -> float:  # type: ignore[no-untyped-def]
+    """An answer's log-probability summed from log-softmax token scores (float64), over its target mask."""
+    ids = torch.tensor([ex.input_ids])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    picked = logp.gather(1, ids[0, 1:, None])[:, 0]
+    return float((picked * torch.tensor(ex.target_mask[1:])).sum())
+
+
 def test_dpo_loss_of_the_model_matches_log_softmax_by_hand(tmp_path: Path) -> None:
     """The task's loss of one pair equals the formula over log-softmax token scores, reference = adapter off."""
     model, tokenizer = _moved_model(_dpo_config(tmp_path))
     example = DPO.encode(PAIRS[0], tokenizer, 128)
 
     def answer_logp(ex) -> float:  # type: ignore[no-untyped-def]
-        ids = torch.tensor([ex.input_ids])
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-        picked = logp.gather(1, ids[0, 1:, None])[:, 0]
-        return float((picked * torch.tensor(ex.target_mask[1:])).sum())
+        return answer_logp_by_hand(model, ex)
 
     with torch.no_grad():
         policy = answer_logp(example.chosen), answer_logp(example.rejected)

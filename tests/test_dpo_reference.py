@@ -21,7 +21,8 @@ from fedtune.tasks.dpo import PreferenceExample
 
 from conftest import tiny_config
 from site_attack import HostileServer, outcome, reason, write_site
-from test_dpo import PAIRS, _dpo_config, _moved_model, assert_per_pair_gradients_equal_one_pair_passes
+from test_dpo import (PAIRS, _dpo_config, _moved_model, answer_logp_by_hand,
+                      assert_per_pair_gradients_equal_one_pair_passes)
 
 DPO = get_task("dpo")
 
@@ -61,9 +62,7 @@ def test_the_loss_against_a_reference_adapter_matches_log_softmax_by_hand(tmp_pa
     example = DPO.encode(PAIRS[1], tokenizer, 128)
 
     def answer_logp(ex) -> float:  # type: ignore[no-untyped-def]
-        ids = torch.tensor([ex.input_ids])
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-        return float((logp.gather(1, ids[0, 1:, None])[:, 0] * torch.tensor(ex.target_mask[1:])).sum())
+        return answer_logp_by_hand(model, ex)
 
     with torch.no_grad():
         reference = answer_logp(example.chosen), answer_logp(example.rejected)
