@@ -285,6 +285,10 @@ class VersionsConfig:
     # `fedtune server` only: start a new version this many hours after the last one started,
     # until stopped (null: one version per command).
     every_hours: Optional[float] = None
+    # `fedtune server` only: train a new version only when some site's disclosure reports a
+    # cohort the last version did not see (fedtune.federation.new_cohorts); with every_hours,
+    # each interval is a cheap check that trains only when data has arrived.
+    on_new_cohort: bool = False
 
 
 @dataclass
@@ -381,6 +385,8 @@ def validate_versions(v: VersionsConfig) -> None:
         require(v.enabled and math.isfinite(v.every_hours) and v.every_hours > 0, "versions.every_hours",
                 f"{v.every_hours} is not a positive number of hours, or versions.enabled is false",
                 "Set versions.enabled=true and a positive interval, e.g. versions.every_hours=24, or null.")
+    require(v.enabled or not v.on_new_cohort, "versions.on_new_cohort", "is true but versions.enabled is false",
+            "Set versions.enabled=true (the check compares with the last version), or on_new_cohort=false.")
     require(v.stream_cohorts >= 0, "versions.stream_cohorts", f"{v.stream_cohorts} < 0",
             "Use 0 (no stream) or the number of cohorts to split each simulated site's data into, e.g. 4.")
     if v.arrived_cohorts is not None:

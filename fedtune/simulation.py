@@ -67,6 +67,10 @@ def check_config(cfg: FedtuneConfig) -> None:
     """
     resolve_num_sites(cfg)
     validate(cfg)
+    # Simulated sites disclose nothing, so no version after the first would ever train.
+    require(not cfg.versions.on_new_cohort, "versions.on_new_cohort", "is for `fedtune server` (it reads the "
+            "cohorts deployed sites disclose); simulated sites disclose none",
+            "Replay a stream with versions.stream_cohorts and versions.arrived_cohorts instead, or set it to false.")
     check_devices(cfg)
 
 

@@ -40,6 +40,9 @@ def validate(cfg: FedtuneConfig) -> None:
     validate_train(cfg.train)
     validate_federation(cfg.federation)
     validate_versions(cfg.versions)
+    require(not cfg.versions.on_new_cohort or cfg.federation.sites_per_round is None, "versions.on_new_cohort",
+            "needs every site described before the first round, and federation.sites_per_round describes each "
+            "only when a round samples it", "Set federation.sites_per_round=null, or versions.on_new_cohort=false.")
     validate_task(cfg.model, cfg.data)
     get_task(cfg.model.task).check_config(cfg.model, cfg.data)
     validate_data(cfg.data, cfg.federation.num_sites)

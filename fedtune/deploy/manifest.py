@@ -1,6 +1,7 @@
 """A site's disclosure of its data: the manifest fields it chooses, and per-cohort commitments.
 
-What the site sends (in its description, once per server run) is only what ``manifest.disclose``
+What the site sends (in its description: when a server run starts, and after each round it
+trained in, so that round's record states each cohort's ε after it) is only what ``manifest.disclose``
 in its site.yaml names: any of the manifest's ``name``, ``licence``, ``provenance``,
 ``period``, ``deidentification`` (text the site's operator wrote, never a record), and with
 ``cohorts`` each cohort's name, period, record count, ε so far and commitment.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,10 +117,30 @@ def plan_version(root: Path) -> VersionPlan:
     return plan
 
 
+def previous_info(plan: VersionPlan) -> Optional[dict[str, Any]]:
+    """The version.json of the version before ``plan`` (the federation's last run), or None for the first."""
+    if plan.number <= 1:
+        return None
+    return read_version(plan.root / VERSIONS_DIR / version_name(plan.number - 1)) or None
+
+
+def discard(plan: VersionPlan) -> None:
+    """Remove a version that began but trained nothing (no checkpoint, no round), as if it never began.
+
+    A scheduled check that finds no new cohort (:mod:`fedtune.federation.new_cohorts`) would
+    otherwise leave one empty version directory per check.
+    """
+    info = plan.info()
+    if info.get("finished") or (plan.dir / "checkpoint").exists() or (plan.dir / "metrics.jsonl").exists():
+        raise ValueError(f"{plan.dir} holds a version that trained; it is not discarded")
+    shutil.rmtree(plan.dir)
+    log.info("version %s discarded: it trained nothing", plan.name)
+
+
 def promote(root: Path, number: int) -> None:
     """Make version ``number`` the current one (one atomic rename)."""
     atomic_write_text(root / VERSIONS_DIR / CURRENT_FILE, version_name(number) + "\n")
 
 
-__all__ = ["CURRENT_FILE", "VERSIONS_DIR", "VERSION_FILE", "VersionPlan", "current_version", "list_versions",
-           "plan_version", "promote", "read_version", "version_name", "write_version"]
+__all__ = ["CURRENT_FILE", "VERSIONS_DIR", "VERSION_FILE", "VersionPlan", "current_version", "discard",
+           "list_versions", "plan_version", "previous_info", "promote", "read_version", "version_name", "write_version"]

@@ -138,6 +138,24 @@ class SiteDirectory:
             self.sites.sort(key=lambda s: s.name)
         return [self._by_node[n] for n in node_ids if n in self._by_node]
 
+    def refresh_disclosures(self, sites: list[SiteInfo]) -> None:
+        """Ask the sites that disclose their cohorts to describe themselves again, after a round.
+
+        Their cohorts' ε is the site's own report, computed when it describes itself; asked
+        only at the run's start, a version's records would state every cohort's ε before the
+        version's rounds.  A site that does not answer, or answers as another site, keeps
+        the disclosure it had.  Sites that disclose no cohorts cost no message.
+        """
+        stale = [s for s in sites if "cohorts" in s.disclosure]
+        if not stale:
+            return
+        fresh = {s.node_id: s for s in discover_sites(self.grid, [s.node_id for s in stale], REDISCOVER_TIMEOUT_S,
+                                                       self.enrolled)}
+        for site in stale:
+            again = fresh.get(site.node_id)
+            if again is not None and again.name == site.name and again.disclosure:
+                site.disclosure = again.disclosure
+
 
 def open_directory(grid: Grid, count: int, timeout_s: float, enrolled: Optional[dict[int, str]],
                    describe_all: bool) -> SiteDirectory:

@@ -105,6 +105,8 @@ class ServerRun:
         started = time.perf_counter()
         outcome = self.protocol.run(self.grid, selected, rc, self.adapter.state, self.context)
         note_attendance(selected, outcome)
+        # Before the record is made: a disclosing site's per-cohort ε now includes this round.
+        self.directory.refresh_disclosures([s for s in selected if s.name in outcome.participants])
         self.commit(round_number, outcome, started, finisher)
         return None
 
@@ -207,6 +209,9 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
         summary = ServerSummary(run_dir, 0, "no site connected", rounds_to_play=cfg.federation.num_rounds)
         write_failed_summary(summary, run.context.ledger.run)
         return summary
+    skipped = continual.skip_without_new_cohorts(opened, cfg, run.sites, start_round)
+    if skipped is not None:
+        return ServerSummary(opened.plan.root if opened.plan is not None else run_dir, 0, skipped)
     baseline = evaluator.evaluate(run.adapter.state)
     log_baseline(baseline, start_round)
     continual.note_start(opened, start_round, baseline.result.loss if baseline.result is not None else None)
@@ -228,5 +233,5 @@ def run_server(grid: Grid, cfg: FedtuneConfig, run_dir: Path, wait_timeout_s: fl
     summary.rows = finisher.rows
     summary.rounds_aggregated = run.rounds_aggregated
     write_final_outputs(cfg, summary, run.context.ledger, run.sites, baseline.result)
-    continual.close_version(opened, cfg, run.adapter.round, last_begun)
+    continual.close_version(opened, cfg, run.adapter.round, last_begun, run.sites)
     return summary
