@@ -72,6 +72,10 @@ def check_config(cfg: FedtuneConfig) -> None:
             "cohorts deployed sites disclose); simulated sites disclose none",
             "Replay a stream with versions.stream_cohorts and versions.arrived_cohorts instead, or set it to false.")
     check_devices(cfg)
+    if cfg.model.quantization is not None and cfg.federation.ray_address is None:
+        from fedtune.quantization import check_backend
+
+        check_backend(cfg.federation.site_training_device())
 
 
 def check_data(cfg: FedtuneConfig) -> None:

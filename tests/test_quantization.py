@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
+import warnings
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from fedtune.data.records import Record
 from fedtune.errors import ConfigError
 from fedtune.models import base_fingerprint, build_fingerprinted_model, load_base_model
 from fedtune.privacy.dpsgd import DPSGDParams, DPSGDTrainer, train_locally
-from fedtune.quantization import base_weight_bytes, quantize_base
+from fedtune import quantization
+from fedtune.quantization import MAX_NF4_ERROR, base_weight_bytes, check_backend, nf4_error, quantize_base
 from fedtune.tasks import get_task
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -132,3 +135,41 @@ def test_merge_and_export_read_the_full_precision_base(tiny_cfg: FedtuneConfig) 
     base, tok = load_base_model(_model_cfg(tiny_cfg, "4bit"))
     assert not _linear4bit(base)
     assert base_fingerprint(base, tok) == build_fingerprinted_model(_model_cfg(tiny_cfg, "4bit")).fingerprint
+
+
+def _register_wrong_cpu_kernel() -> None:
+    """A CPU dequantise kernel that returns wrong weights, as bitsandbytes 0.50.2's AVX512 one does on some CPUs."""
+    def wrong(A, absmax, blocksize, quant_type, shape, dtype):  # type: ignore[no-untyped-def]
+        return torch.zeros(shape, dtype=dtype)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", wrong)
+
+
+def test_a_wrong_cpu_4bit_kernel_is_caught_and_replaced_by_the_generic_one(
+        tiny_cfg: FedtuneConfig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fedtune.quantization")
+    base, _ = load_base_model(tiny_cfg.model)
+    original = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    _register_wrong_cpu_kernel()
+    quantize_base(base)
+    assert "gave wrong weights for q_proj" in caplog.text and "generic implementation" in caplog.text
+    assert nf4_error(base.model.layers[0].self_attn.q_proj, original) <= MAX_NF4_ERROR
+    check_backend()
+
+
+def test_4bit_weights_that_stay_wrong_stop_the_run_naming_the_field(tiny_cfg: FedtuneConfig,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "_use_generic_cpu_dequantize", lambda: None)
+    _register_wrong_cpu_kernel()
+    try:
+        with pytest.raises(ConfigError, match="model.quantization.*off by 1.00 of their block's absmax"):
+            check_backend()
+        base, _ = load_base_model(tiny_cfg.model)
+        with pytest.raises(ConfigError, match="model.quantization"):
+            quantize_base(base)
+    finally:
+        monkeypatch.undo()
+        quantization._use_generic_cpu_dequantize()  # leave this process a correct kernel
+    check_backend()
