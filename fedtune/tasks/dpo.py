@@ -288,10 +288,12 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
         margins, nll_sum, tokens = [], 0.0, 0.0
         for batch in eval_batches(model, examples, self.collate, pad_id, batch_size):
             ref_chosen, ref_rejected = reference_logps(model, batch)
+            # The policy's values in the reference's own pass shape: floating-point sums depend on
+            # the batch's shape, and a tie (the untrained adapter's) must come out exactly 0.
+            chosen, rejected = frozen_logps(model, batch, adapter=True)
             nll, scored = token_losses(model, batch.chosen)
             nll_sum, tokens = nll_sum + float(nll.sum()), tokens + float(scored.sum())
-            margins.append(dpo_margins(-nll.sum(dim=1), answer_logps(model, batch.rejected), ref_chosen,
-                                       ref_rejected, self.beta))
+            margins.append(dpo_margins(chosen, rejected, ref_chosen, ref_rejected, self.beta))
         margin = torch.cat(margins) if margins else torch.zeros(0)
         chosen_loss = nll_sum / max(tokens, 1.0)
         return EvalResult(loss=float(dpo_loss(margin).mean()) if len(margin) else float("nan"),
