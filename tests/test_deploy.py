@@ -223,12 +223,25 @@ def test_killed_site_is_dropped_resumes_with_its_ledger_and_an_exhausted_site_st
     assert report["hosp-d"]["epsilon"] <= 3.4
 
 
-def test_server_killed_after_round_one_resumes_from_its_checkpoint(federation) -> None:
+def _version_dir(fed: LocalFederation, name: str) -> Path:
+    return fed.run_dir / "versions" / name
+
+
+def _records(fed: LocalFederation, name: str) -> list[dict]:
+    rounds = sorted((_version_dir(fed, name) / "adapters").iterdir())
+    return [json.loads((d / "adapter_record.json").read_text()) for d in rounds]
+
+
+def test_server_killed_mid_version_resumes_and_three_versions_chain_across_server_restarts(federation) -> None:
+    from fedtune.governance import record_hash
+
     fed = federation(["hosp-a", "hosp-b", "hosp-c"])
-    fed.start_server("federation.num_sites=3", "federation.num_rounds=2", *SERVER_ARGS)
+    # A fixed σ: a calibrated one spends the whole budget in the first version.
+    args = ("federation.num_sites=3", "versions.enabled=true", "privacy.noise_multiplier=1.0", *SERVER_ARGS)
+    fed.start_server(*args, "federation.num_rounds=2")
     for site in ("hosp-a", "hosp-b", "hosp-c"):
         fed.start_site(site)
-    checkpoint = fed.run_dir / "checkpoint"
+    checkpoint = _version_dir(fed, "v0001") / "checkpoint"
     fed.wait_until(lambda: load_checkpoint(checkpoint) is not None, 300, "the round-1 checkpoint")
     assert fed.server is not None
     fed.kill(fed.server, signal.SIGKILL)  # the SuperLink and its ServerApp go with it
@@ -236,21 +249,39 @@ def test_server_killed_after_round_one_resumes_from_its_checkpoint(federation) -
     assert done == 1
     time.sleep(1.0)
 
-    fed.start_server("federation.num_sites=3", "federation.num_rounds=2", *SERVER_ARGS)
+    fed.start_server(*args, "federation.num_rounds=2")
     fed.server.wait(timeout=420)
     assert fed.server.returncode == 0, fed.tail("server", 80)
     log = fed.tail("server", 400)
-    assert "resuming from the checkpoint of round 1" in log
-    rows = fed.metrics()
-    assert [r["round"] for r in rows].count(1) == 1 and rows[-1]["round"] == 2
+    assert "resuming the unfinished version v0001" in log and "resuming from the checkpoint of round 1" in log
+    rows = [json.loads(line) for line in (_version_dir(fed, "v0001") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
     # Every site reconnected to the new SuperLink and took part in round 2.
     assert rows[-1]["participants"] == ["hosp-a", "hosp-b", "hosp-c"], fed.tail("server", 80)
     # Round 2 started from the checkpointed adapter: the round-1 adapter on disk is that state.
     from safetensors.numpy import load_file
 
-    round1 = load_file(str(fed.run_dir / "adapters" / "round_001" / "adapter_model.safetensors"))
+    round1 = load_file(str(_version_dir(fed, "v0001") / "adapters" / "round_001" / "adapter_model.safetensors"))
     assert set(saved) == set(round1)  # one artefact: the checkpoint is peft-keyed like every round's adapter
     for name, value in saved.items():
         np.testing.assert_array_equal(round1[name], value)
-    # A site that saw both server processes kept one ledger across them.
-    assert _charges(fed, "hosp-a") >= 2
+
+    # Two more versions, a server started afresh for each: each from its parent, rounds numbered on.
+    for _ in range(2):
+        fed.start_server(*args, "federation.num_rounds=1")
+        fed.server.wait(timeout=420)
+        assert fed.server.returncode == 0, fed.tail("server", 80)
+    infos = [json.loads((_version_dir(fed, v) / "version.json").read_text()) for v in ("v0001", "v0002", "v0003")]
+    assert [i["parent_name"] for i in infos] == [None, "v0001", "v0002"]
+    assert [(i["first_round"], i["last_round"]) for i in infos] == [(1, 2), (3, 3), (4, 4)]
+    assert all(i["finished"] for i in infos)
+    chain = [r for v in ("v0001", "v0002", "v0003") for r in _records(fed, v)]
+    assert [r["round"] for r in chain] == [1, 2, 3, 4] and chain[0]["parent"] is None
+    for parent, child in zip(chain, chain[1:]):
+        assert child["parent"] == record_hash(parent)
+    # The federation's ledger covers every version, and agrees with each site's own.
+    report = json.loads((_version_dir(fed, "v0003") / "privacy_report.json").read_text())["sites"]
+    federation_ledger = PrivacyLedger(fed.root / "operator" / "server_ledger.sqlite")
+    for site in ("hosp-a", "hosp-b", "hosp-c"):
+        assert len(federation_ledger.history(site)) == 4 == _charges(fed, site)
+        assert report[site]["epsilon"] == pytest.approx(_site_ledger(fed, site).epsilon(site, 1e-5), rel=1e-9)
