@@ -250,11 +250,14 @@ def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_runn
 
 
 def _failure(summary: Path) -> Optional[str]:
-    """The run's ``failed`` line from its summary.json (null: it trained), or why it is unreadable."""
+    """The run's ``failed`` line from its summary.json (null: it trained, or skipped by choice), or why it is unreadable."""
     try:
-        failed = json.loads(summary.read_text()).get("failed")
+        body = json.loads(summary.read_text())
+        failed = body.get("failed")
     except (OSError, ValueError, AttributeError):
         return f"{summary} is not a readable summary"
+    if failed is None and body.get("skipped"):
+        log.info("no version trained: %s", body.get("stop_reason"))
     return None if failed is None else str(failed)
 
 
