@@ -23,7 +23,9 @@ model "trained in 4 bits" there trained on a corrupted base.  Every quantised la
 therefore checked against its float weights (:func:`check_layer`); when the CPU kernel
 fails the check, fedtune routes CPU dequantisation to bitsandbytes' own generic torch
 implementation (:func:`_use_generic_cpu_dequantize`, the one use of its internals) and
-checks again, and stops with an error if the weights are still wrong.  A quantised layer keeps its weights' device: the model is moved
+checks again, and stops with an error if the weights are still wrong.
+
+A quantised layer keeps its weights' device: the model is moved
 with ``model.to(device)`` afterwards, which bitsandbytes supports for quantised weights.
 """
 

@@ -250,7 +250,10 @@ def serve(paths: FederationPaths, fed: Federation, cfg: FedtuneConfig, keep_runn
 
 
 def _failure(summary: Path) -> Optional[str]:
-    """The run's ``failed`` line from its summary.json (null: it trained, or skipped by choice), or why it is unreadable."""
+    """The run's ``failed`` line from its summary.json, or why it is unreadable.
+
+    Null: it trained, or (versions.on_new_cohort) it chose not to.
+    """
     try:
         body = json.loads(summary.read_text())
         failed = body.get("failed")
