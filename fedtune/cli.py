@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from fedtune.config import FedtuneConfig, register_configs
 from fedtune.data.records import DataError
 from fedtune.errors import ConfigError
-from fedtune.run_log import LOG_FILE, output_to_log
+from fedtune.run_log import LOG_FILE, HeldRecords, hold_log_records, output_to_log
 
 if TYPE_CHECKING:
     from fedtune.federation.server import ServerSummary
@@ -120,11 +120,12 @@ def _crash(exc: BaseException, log_path: Path) -> SystemExit:
     return SystemExit(1)
 
 
-def _simulate_quietly(cfg: FedtuneConfig) -> "ServerSummary":
+def _simulate_quietly(cfg: FedtuneConfig, held: Optional[HeldRecords] = None) -> "ServerSummary":
     """:func:`fedtune.simulation.simulate` with descriptors 1 and 2 in log.txt and the table on the console.
 
     Every failure is recorded in the log with its traceback and leaves one line on the
     console; user errors (a bad config or data file) read exactly as without the log.
+    ``held``: log records of the imports, written to the log first.
     """
     from fedtune.simulation import simulate
 
@@ -134,6 +135,8 @@ def _simulate_quietly(cfg: FedtuneConfig) -> "ServerSummary":
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     failure: Optional[BaseException] = None
     with output_to_log(log_path) as console:
+        if held is not None:
+            held.replay()
         try:
             return_value = simulate(cfg, progress_file=console)
         except (ConfigError, DataError) as exc:
@@ -152,9 +155,12 @@ def _simulate_quietly(cfg: FedtuneConfig) -> "ServerSummary":
 def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-def]
     from omegaconf import OmegaConf
 
-    from fedtune.simulation import check_config, describe_run, simulate
+    with hold_log_records() as held:  # what the libraries log as they load goes to log.txt
+        from fedtune.simulation import check_config, describe_run, simulate
     from fedtune.tasks import resolve_format
 
+    if verbose:
+        held.replay()
     cfg: FedtuneConfig = OmegaConf.to_object(raw_cfg)  # type: ignore[assignment]
     resolve_format(cfg)  # model.task=dpo alone reads preference pairs
     logging.getLogger("fedtune").setLevel(cfg.log_level)
@@ -163,6 +169,7 @@ def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-de
     try:
         check_config(cfg)  # before anything is printed or created
     except (ConfigError, DataError) as exc:
+        held.replay()  # no log.txt yet: the console is the only place left for them
         raise _user_error(exc) from None
     print(*describe_run(cfg), sep="\n")
     if verbose:
@@ -172,7 +179,7 @@ def _simulate_job(raw_cfg, verbose: bool) -> None:  # type: ignore[no-untyped-de
             raise _user_error(exc) from None
     else:
         print(f"  log       {Path(cfg.run_dir) / LOG_FILE} (-v prints it here instead)\n", flush=True)
-        summary = _simulate_quietly(cfg)
+        summary = _simulate_quietly(cfg, held)
     if summary.failure is not None:
         print(f"\nfedtune: the run trained nothing: {summary.failure}\n  outputs and log: {summary.run_dir}",
               file=sys.stderr)

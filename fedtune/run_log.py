@@ -13,6 +13,7 @@ handed: a duplicate of the original stdout.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -70,3 +71,41 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
             os.close(fd)
         console.close()
         _set_line_buffering(line_buffered)
+
+
+class HeldRecords(logging.Handler):
+    """Log records kept back until the run's log exists, then handled as if logged now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        """Hand each kept record to the root logger's handlers as they are now (e.g. into log.txt)."""
+        for record in self.records:
+            logging.getLogger().handle(record)
+        self.records.clear()
+
+
+@contextmanager
+def hold_log_records() -> Iterator[HeldRecords]:
+    """Keep back what the root logger's handlers would print inside the block.
+
+    Libraries log at import time (bitsandbytes warns about an optional CPU kernel package
+    it cannot find), before a quiet command knows its run directory; their lines belong
+    in log.txt with everything else, not on the console above the run's summary.
+    """
+    root = logging.getLogger()
+    held, saved = HeldRecords(), list(root.handlers)
+    for handler in saved:
+        root.removeHandler(handler)
+    root.addHandler(held)
+    try:
+        yield held
+    finally:
+        root.removeHandler(held)
+        for handler in saved:
+            root.addHandler(handler)

@@ -100,6 +100,26 @@ def test_quiet_run_shows_only_what_it_hands_the_console(tmp_path: Path, monkeypa
     assert capfd.readouterr().out == "after the run\n"
 
 
+def test_what_a_library_logs_as_it_loads_goes_to_the_log_not_the_console(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from fedtune.run_log import hold_log_records
+
+    console = logging.StreamHandler(sys.__stderr__)  # as Hydra's handler holds the interpreter's stderr
+    logging.getLogger().addHandler(console)
+    monkeypatch.setattr(fedtune.simulation, "simulate", lambda cfg, progress_file=None: _summary(tmp_path / "run"))
+    try:
+        with hold_log_records() as held:  # bitsandbytes warns like this when it is imported
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        assert capfd.readouterr().err == ""
+        cli._simulate_quietly(tiny_config(tmp_path / "run"), held)
+    finally:
+        logging.getLogger().removeHandler(console)
+    assert capfd.readouterr().err == ""
+    assert "Failed to load CPU gemm_4bit_forward" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_crash_is_one_line_on_the_console_and_a_traceback_in_the_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     def crash(cfg: object, progress_file: Optional[TextIO] = None) -> ServerSummary:
