@@ -126,6 +126,20 @@ def test_an_untrained_adapter_has_zero_margins(tmp_path: Path) -> None:
     assert result.loss == pytest.approx(math.log(2)) and result.task_metrics["chosen_loss"] > 0
 
 
+def test_the_chosen_answers_loss_is_their_token_weighted_nll_by_hand(tmp_path: Path) -> None:
+    """``chosen_loss`` comes from the margins' own pass; it must still be the chosen answers' mean token NLL."""
+    model, tokenizer = _moved_model(_dpo_config(tmp_path))
+    examples = DPO.encode_all(PAIRS, tokenizer, 128)
+    model.eval()
+    with torch.no_grad():
+        nll = -sum(answer_logp_by_hand(model, e.chosen) for e in examples)
+    tokens = sum(sum(e.chosen.target_mask[1:]) for e in examples)
+    result = DPO.evaluate(model, examples, tokenizer.pad_token_id, 2)
+    assert result.tokens == tokens > 0
+    assert result.task_metrics["chosen_loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
 def test_the_hh_rlhf_form_splits_at_the_shared_prompt(tmp_path: Path) -> None:
     dialogue = "\n\nHuman: How much paracetamol for a child?\n\nAssistant:"
     prompt, chosen, rejected = split_shared_prefix(dialogue + " Sure, 120 mg.", dialogue + " Sorry, no idea.")

@@ -15,13 +15,10 @@ data arrive.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from fedtune.federation.membership import SiteInfo
-
-log = logging.getLogger(__name__)
 
 SEEN_KEY = "cohorts_seen"
 

@@ -104,6 +104,11 @@ def answer_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return -nll.sum(dim=1)
 
 
+def scored_tokens(batch: Batch) -> float:
+    """How many answer tokens ``token_losses`` scores in ``batch`` (targets of positions 1..T-1)."""
+    return float((batch.target_mask[:, 1:] * batch.attention_mask[:, 1:]).sum())
+
+
 def _pad_to(batch: Batch, length: int) -> Batch:
     """``batch`` right-padded to ``length`` positions; the new positions are masked out and never scored."""
     extra = length - batch.input_ids.shape[1]
@@ -291,8 +296,8 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
             # The policy's values in the reference's own pass shape: floating-point sums depend on
             # the batch's shape, and a tie (the untrained adapter's) must come out exactly 0.
             chosen, rejected = frozen_logps(model, batch, adapter=True)
-            nll, scored = token_losses(model, batch.chosen)
-            nll_sum, tokens = nll_sum + float(nll.sum()), tokens + float(scored.sum())
+            # The chosen answers' summed NLL is minus their log-probability: no third pass.
+            nll_sum, tokens = nll_sum - float(chosen.sum()), tokens + scored_tokens(batch.chosen)
             margins.append(dpo_margins(chosen, rejected, ref_chosen, ref_rejected, self.beta))
         margin = torch.cat(margins) if margins else torch.zeros(0)
         chosen_loss = nll_sum / max(tokens, 1.0)
