@@ -318,72 +318,96 @@ def run_deployment(overrides: list[str], root: Path, timeout_s: float) -> Deploy
 
 # ---------------------------------------------------------------- report
 
+def column_mean(rows: list[dict], key: str, rounds: list[int]) -> float:
+    return mean([float(rows[r - 1][key]) for r in rounds])
+
+
+def stage_mean(stages: list[list[float]], i: int, rounds: list[int]) -> float:
+    """Mean round trip of stage i over the rounds that have their four stages."""
+    return mean([stages[r - 1][i] for r in rounds if r - 1 < len(stages)])
+
+
+def server_rest(rows: list[dict], stages: list[list[float]], rounds: list[int]) -> float:
+    """Round time outside the four round trips and aggregation: unmasking, decoding.
+
+    The held-out evaluation of a round runs on its own thread while the next round's
+    stages run, so it is not part of ``round_seconds``.
+    """
+    return mean([rows[r - 1]["round_seconds"] - sum(stages[r - 1]) - rows[r - 1]["aggregation_seconds"]
+                 for r in rounds if r - 1 < len(stages)])
+
+
+def critical_sites(dep: Deployment, rounds: list[int]) -> list[SiteRound]:
+    """Per round, the site that finished the masked-input stage last (rounds without site lines skipped)."""
+    crit = []
+    for r in rounds:
+        sites = dep.sites.get(r, [])
+        if sites:
+            crit.append(max(sites, key=lambda s: s.task_end))
+    return crit
+
+
 def report(args: argparse.Namespace, cal: Calibration, sim_rows: list[dict], sim_stages: list[list[float]],
            sim_wall: float, dep: Deployment) -> list[str]:
-    lines: list[str] = []
-    say = lines.append
     n_rounds = min(len(sim_rows), len(dep.rows))
     steady = list(range(2, n_rounds + 1)) or [1]
     label = f"rounds {steady[0]}-{steady[-1]}" if len(steady) > 1 else f"round {steady[0]}"
+    sim_r = column_mean(sim_rows, "round_seconds", steady)
+    dep_r = column_mean(dep.rows, "round_seconds", steady)
+    crit = critical_sites(dep, steady)
+    dpsgd = max(0.0, mean([c.train_phase for c in crit]) - (cal.build_seconds + cal.encode_seconds))
+    return [*report_header(args, cal, n_rounds, label), "",
+            *report_side_by_side(sim_rows, sim_stages, sim_wall, dep, steady, label), "",
+            *report_critical_path(cal, dep, crit, steady, label, dpsgd), "",
+            *report_goals(dpsgd, dep_r, sim_r)]
 
-    def col(rows: list[dict], key: str, rounds: list[int]) -> float:
-        return mean([float(rows[r - 1][key]) for r in rounds])
 
-    say(f"deploy vs simulate: {len(SITES)} sites, {n_rounds} rounds, {args.steps} DP-SGD steps/round, "
-        f"secure aggregation + DP on, {cal.entries:,} aggregated LoRA entries (float32, "
-        f"{cal.entries * 4 / 2**20:.1f} MiB), {os.cpu_count()} CPU cores; steady state = mean of {label}")
-    say(f"calibration (this process, 1 thread): model build+load {cal.build_seconds:.2f} s, encode "
-        f"{cal.encode_seconds:.2f} s, largest site ({cal.largest_site_records} records) DP-SGD alone "
-        f"{cal.dpsgd_seconds:.2f} s")
-    say("")
+def report_header(args: argparse.Namespace, cal: Calibration, n_rounds: int, label: str) -> list[str]:
+    return [f"deploy vs simulate: {len(SITES)} sites, {n_rounds} rounds, {args.steps} DP-SGD steps/round, "
+            f"secure aggregation + DP on, {cal.entries:,} aggregated LoRA entries (float32, "
+            f"{cal.entries * 4 / 2**20:.1f} MiB), {os.cpu_count()} CPU cores; steady state = mean of {label}",
+            f"calibration (this process, 1 thread): model build+load {cal.build_seconds:.2f} s, encode "
+            f"{cal.encode_seconds:.2f} s, largest site ({cal.largest_site_records} records) DP-SGD alone "
+            f"{cal.dpsgd_seconds:.2f} s"]
 
-    # -- round time, side by side
-    sim_r = col(sim_rows, "round_seconds", steady)
-    dep_r = col(dep.rows, "round_seconds", steady)
+
+def report_side_by_side(sim_rows: list[dict], sim_stages: list[list[float]], sim_wall: float, dep: Deployment,
+                        steady: list[int], label: str) -> list[str]:
+    """Round time, stage by stage, in simulation and in the deployment."""
+    lines: list[str] = []
+    say = lines.append
+    sim_r = column_mean(sim_rows, "round_seconds", steady)
+    dep_r = column_mean(dep.rows, "round_seconds", steady)
     say(f"{'':38}{'simulation':>12}{'deployment':>12}{'ratio':>8}")
     say(f"{'round 1 wall (warm-up)':38}{sim_rows[0]['round_seconds']:>10.2f} s{dep.rows[0]['round_seconds']:>10.2f} s"
         f"{dep.rows[0]['round_seconds'] / sim_rows[0]['round_seconds']:>8.2f}")
     say(f"{'round wall, ' + label:38}{sim_r:>10.2f} s{dep_r:>10.2f} s{dep_r / sim_r:>8.2f}")
     for i, stage in enumerate(STAGES):
-        s = mean([sim_stages[r - 1][i] for r in steady if r - 1 < len(sim_stages)])
-        d = mean([dep.stages[r - 1][i] for r in steady if r - 1 < len(dep.stages)])
+        s, d = stage_mean(sim_stages, i, steady), stage_mean(dep.stages, i, steady)
         say(f"{'  stage ' + str(i + 1) + ' ' + stage + ' (round trip)':38}{s:>10.2f} s{d:>10.2f} s{d / s:>8.2f}")
     for key, name in (("aggregation_seconds", "  server aggregate + checkpoint"),
                       ("eval_seconds", "server evaluation (beside next round)")):
-        s, d = col(sim_rows, key, steady), col(dep.rows, key, steady)
+        s, d = column_mean(sim_rows, key, steady), column_mean(dep.rows, key, steady)
         say(f"{name:38}{s:>10.2f} s{d:>10.2f} s{d / s if s else float('nan'):>8.2f}")
-
-    def server_rest(rows: list[dict], stages: list[list[float]]) -> float:
-        """Round time outside the four round trips and aggregation: unmasking, decoding.
-
-        The held-out evaluation of a round runs on its own thread while the next round's
-        stages run, so it is not part of ``round_seconds``.
-        """
-        return mean([rows[r - 1]["round_seconds"] - sum(stages[r - 1]) - rows[r - 1]["aggregation_seconds"]
-                     for r in steady if r - 1 < len(stages)])
-
-    sim_rest, dep_rest = server_rest(sim_rows, sim_stages), server_rest(dep.rows, dep.stages)
+    sim_rest, dep_rest = server_rest(sim_rows, sim_stages, steady), server_rest(dep.rows, dep.stages, steady)
     say(f"{'  server unmask/decode/other':38}{sim_rest:>10.2f} s{dep_rest:>10.2f} s")
-    say(f"{'  Σ sites local_update (metrics)':38}{col(sim_rows, 'local_train_seconds', steady):>10.2f} s"
-        f"{col(dep.rows, 'local_train_seconds', steady):>10.2f} s")
+    say(f"{'  Σ sites local_update (metrics)':38}{column_mean(sim_rows, 'local_train_seconds', steady):>10.2f} s"
+        f"{column_mean(dep.rows, 'local_train_seconds', steady):>10.2f} s")
     say(f"{'whole run (incl. start-up)':38}{sim_wall:>10.1f} s{dep.wall:>10.1f} s{dep.wall / sim_wall:>8.2f}")
-    say("")
+    return lines
 
-    # -- the deployment's round, split along its critical path
-    crit = []
-    for r in steady:
-        sites = dep.sites.get(r, [])
-        if sites:
-            crit.append(max(sites, key=lambda s: s.task_end))
+
+def round_parts(cal: Calibration, dep: Deployment, crit: list[SiteRound], steady: list[int], dpsgd: float
+                ) -> list[tuple[str, float]]:
+    """The deployment's steady round split along the critical site's path, in seconds."""
     build = cal.build_seconds + cal.encode_seconds
-    stage3 = mean([dep.stages[r - 1][2] for r in steady if r - 1 < len(dep.stages)])
+    dep_r = column_mean(dep.rows, "round_seconds", steady)
+    stage3 = stage_mean(dep.stages, 2, steady)
     pull, push = mean([c.pull for c in crit]), mean([c.push for c in crit])
     train_phase, mask_phase = mean([c.train_phase for c in crit]), mean([c.mask_phase for c in crit])
     app = mean([c.app for c in crit])
-    dpsgd = max(0.0, train_phase - build)
-    other_stages = [mean([dep.stages[r - 1][i] for r in steady if r - 1 < len(dep.stages)]) for i in (0, 1, 3)]
-    agg, ev = col(dep.rows, "aggregation_seconds", steady), col(dep.rows, "eval_seconds", steady)
-    parts = [
+    other_stages = [stage_mean(dep.stages, i, steady) for i in (0, 1, 3)]
+    return [
         ("local training: DP-SGD of the critical site", dpsgd),
         ("outside training", dep_r - dpsgd),
         ("  stages 1, 2, 4 (advertise, share, unmask)", sum(other_stages)),
@@ -393,28 +417,37 @@ def report(args: argparse.Namespace, cal: Calibration, sim_rows: list[dict], sim
         ("  stage 3: other handler time (site)", app - train_phase - mask_phase),
         ("  stage 3: push masked vector (site)", push),
         ("  stage 3: transport, polling, scheduling", stage3 - pull - app - push),
-        ("  server unmask/decode/other", dep_rest),
-        ("  server aggregate + checkpoint", agg),
+        ("  server unmask/decode/other", server_rest(dep.rows, dep.stages, steady)),
+        ("  server aggregate + checkpoint", column_mean(dep.rows, "aggregation_seconds", steady)),
     ]
-    say(f"deployment round ({label}), critical site = last to finish the masked-input stage "
-        f"({', '.join(c.site for c in crit)})")
-    say(f"{'round wall':50}{dep_r:>8.2f} s   1.00")
-    for name, seconds in parts:
-        say(f"{name:50}{seconds:>8.2f} s   {seconds / dep_r:.2f}")
-    say(f"{'(server evaluation, beside the next round)':50}{ev:>8.2f} s")
-    lenient = 1 - mean([c.train_phase for c in crit]) / dep_r
-    say(f"(counting the site's ledger, model build and encode as training: outside share {lenient:.2f})")
-    say(f"CPU seconds over the whole deployment (incl. start-up): server side (SuperLink, gateway, ServerApp, "
-        f"flwr run) {dep.cpu.get('server', 0):.0f} s; sites (SuperNode + executor + training) "
-        + ", ".join(f"{s} {dep.cpu.get(s, 0):.0f} s" for s in SITES)
-        + f"; an idle site after the run uses {mean(list(dep.idle_cpu.values())):.0%} of a core")
-    say("")
 
+
+def report_critical_path(cal: Calibration, dep: Deployment, crit: list[SiteRound], steady: list[int], label: str,
+                         dpsgd: float) -> list[str]:
+    """The deployment's round along its critical path, and the CPU the parties used."""
+    dep_r = column_mean(dep.rows, "round_seconds", steady)
+    lines = [f"deployment round ({label}), critical site = last to finish the masked-input stage "
+             f"({', '.join(c.site for c in crit)})",
+             f"{'round wall':50}{dep_r:>8.2f} s   1.00"]
+    lines += [f"{name:50}{seconds:>8.2f} s   {seconds / dep_r:.2f}"
+              for name, seconds in round_parts(cal, dep, crit, steady, dpsgd)]
+    lines.append(f"{'(server evaluation, beside the next round)':50}"
+                 f"{column_mean(dep.rows, 'eval_seconds', steady):>8.2f} s")
+    lenient = 1 - mean([c.train_phase for c in crit]) / dep_r
+    lines.append(f"(counting the site's ledger, model build and encode as training: outside share {lenient:.2f})")
+    lines.append(f"CPU seconds over the whole deployment (incl. start-up): server side (SuperLink, gateway, "
+                 f"ServerApp, flwr run) {dep.cpu.get('server', 0):.0f} s; sites (SuperNode + executor + training) "
+                 + ", ".join(f"{s} {dep.cpu.get(s, 0):.0f} s" for s in SITES)
+                 + f"; an idle site after the run uses {mean(list(dep.idle_cpu.values())):.0%} of a core")
+    return lines
+
+
+def report_goals(dpsgd: float, dep_r: float, sim_r: float) -> list[str]:
+    """The deployment's two performance goals, each met or missed."""
     share = 1 - dpsgd / dep_r
     ratio = dep_r / sim_r
-    say(f"goal: outside-training share < 0.25 of a round: {share:.2f}  {'PASS' if share < 0.25 else 'MISS'}")
-    say(f"goal: deployment round within 2x of simulation: {ratio:.2f}x  {'PASS' if ratio <= 2 else 'MISS'}")
-    return lines
+    return [f"goal: outside-training share < 0.25 of a round: {share:.2f}  {'PASS' if share < 0.25 else 'MISS'}",
+            f"goal: deployment round within 2x of simulation: {ratio:.2f}x  {'PASS' if ratio <= 2 else 'MISS'}"]
 
 
 def main() -> None:
