@@ -42,6 +42,7 @@ from fedtune.governance import lora_settings, record_hash
 from fedtune.inference import LoadedAdapter, UsageError, check_generative, generate, load_model, locate
 from fedtune.models import FingerprintedModel, build_fingerprinted_model, seeded
 from fedtune.tasks import get_task
+from fedtune.tasks.causal_lm import scored_positions
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, batch: 
     teacher = torch.log_softmax(teacher_logits[:, :-1, :vocab].float() / temperature, dim=-1)
     student = torch.log_softmax(student_logits[:, :-1, :vocab].float() / temperature, dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
-    scored = (batch.target_mask[:, 1:] * batch.attention_mask[:, 1:]).to(kl.dtype)
+    scored = scored_positions(batch).to(kl.dtype)
     return temperature**2 * (kl * scored).sum() / scored.sum().clamp(min=1.0)
 
 

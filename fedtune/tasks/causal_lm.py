@@ -35,12 +35,17 @@ TINY_HEAD_STD = 0.3
 log = logging.getLogger(__name__)
 
 
+def scored_positions(batch: Batch) -> torch.Tensor:
+    """[B, T-1]: 1 where position t+1 is an answer token to be predicted from position t."""
+    return batch.target_mask[:, 1:] * batch.attention_mask[:, 1:]
+
+
 def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token negative log-likelihoods [B, T-1] and the mask of scored positions."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1, :].float()
     targets = batch.input_ids[:, 1:]
-    scored = (batch.target_mask[:, 1:] * batch.attention_mask[:, 1:]).to(logits.dtype)
+    scored = scored_positions(batch).to(logits.dtype)
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).view_as(scored)

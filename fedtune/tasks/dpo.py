@@ -66,7 +66,7 @@ from fedtune.data.records import DataError, Record, RecordSchema
 from fedtune.errors import require
 from fedtune.evaluate import EvalResult, eval_batches, perplexity_of
 from fedtune.tasks import LossSettings, Task, TrainingDefaults
-from fedtune.tasks.causal_lm import CausalLM, prompt_response_ids, token_losses
+from fedtune.tasks.causal_lm import CausalLM, prompt_response_ids, scored_positions, token_losses
 
 # DPO's β when the round config does not set it (train.dpo_beta's default; TRL's).
 BETA = DEFAULT_DPO_BETA
@@ -102,11 +102,6 @@ def answer_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """[B]: each row's log-probability of its own answer tokens (a sum, as DPO's log π(y|x))."""
     nll, _ = token_losses(model, batch)
     return -nll.sum(dim=1)
-
-
-def scored_tokens(batch: Batch) -> float:
-    """How many answer tokens ``token_losses`` scores in ``batch`` (targets of positions 1..T-1)."""
-    return float((batch.target_mask[:, 1:] * batch.attention_mask[:, 1:]).sum())
 
 
 def _pad_to(batch: Batch, length: int) -> Batch:
@@ -297,7 +292,7 @@ class DPO(Task[PreferenceExample, PreferenceBatch]):
             # the batch's shape, and a tie (the untrained adapter's) must come out exactly 0.
             chosen, rejected = frozen_logps(model, batch, adapter=True)
             # The chosen answers' summed NLL is minus their log-probability: no third pass.
-            nll_sum, tokens = nll_sum - float(chosen.sum()), tokens + scored_tokens(batch.chosen)
+            nll_sum, tokens = nll_sum - float(chosen.sum()), tokens + float(scored_positions(batch.chosen).sum())
             margins.append(dpo_margins(chosen, rejected, ref_chosen, ref_rejected, self.beta))
         margin = torch.cat(margins) if margins else torch.zeros(0)
         chosen_loss = nll_sum / max(tokens, 1.0)
