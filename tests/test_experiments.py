@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError
 from fedtune.data import load_federated_data
 from fedtune.experiments import audit, utility
+from fedtune.experiments.cli import _quietly
 from fedtune.experiments.cli import main as experiment_main
 from fedtune.experiments.sweep import (
     INF,
@@ -24,6 +27,7 @@ from fedtune.experiments.sweep import (
     reject_grid_overrides,
 )
 from fedtune.privacy.accounting import Charge, epsilon
+from fedtune.run_log import HeldRecords
 
 
 def test_grid_has_every_setting_and_the_centralised_references() -> None:
@@ -78,6 +82,50 @@ def test_bad_sweep_stops_before_any_work(tmp_path: Path, capsys: pytest.CaptureF
     assert not out.exists()
 
 
+QUIET_CHILD = """
+import os, sys
+from pathlib import Path
+from fedtune.experiments.cli import _quietly
+from fedtune.run_log import HeldRecords
+with _quietly(Path(sys.argv[1]), False, HeldRecords()) as console:
+    os.write(1, b"GGUF conversion bar\\n")
+    print("a site's warning", file=sys.stderr)
+    console.write("runs: 1/2\\n")
+"""
+
+
+def test_a_quiet_experiment_keeps_the_console_for_its_bar(tmp_path: Path) -> None:
+    """What libraries and sites write, by descriptor or stream, goes to OUT/log.txt; the bar to the console.
+
+    A child process, because pytest's capture replaces the streams a real process has.
+    """
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", QUIET_CHILD, str(out)], capture_output=True, text=True,
+                           timeout=120, check=True)
+    assert child.stdout == "runs: 1/2\n" and child.stderr == ""
+    log_text = (out / "log.txt").read_text()
+    assert "GGUF conversion bar" in log_text and "a site's warning" in log_text
+
+    with _quietly(tmp_path / "verbose", True, HeldRecords()) as console:
+        assert console is None  # -v: everything stays on the console, nothing is made
+    assert not (tmp_path / "verbose").exists()
+
+
+def test_a_refused_experiment_leaves_no_log_behind_but_keeps_earlier_results(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError):
+        with _quietly(fresh, False, HeldRecords()):
+            raise ConfigError("--sites", "1 < 2", "Use at least 2 sites.")
+    assert not fresh.exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.csv").write_text("key\n")
+    with pytest.raises(ConfigError):
+        with _quietly(earlier, False, HeldRecords()):
+            raise ConfigError("--sites", "1 < 2", "Use at least 2 sites.")
+    assert (earlier / "results.csv").is_file()
+
+
 def test_canaries_join_one_site_only(tmp_path: Path) -> None:
     canaries, _ = audit.make_canaries(20, 4, seed=0)
     path = tmp_path / "canaries.jsonl"
@@ -100,6 +148,7 @@ def test_quick_sweep_of_two_settings_end_to_end(tmp_path: Path, capsys: pytest.C
     experiment_main(argv)
     printed = capsys.readouterr().out
     assert "| iid, FedAvg-LoRA, 3 sites |" in printed
+    assert "log.txt (-v prints it here instead)" in printed and (out / "log.txt").is_file()
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["epsilon_target"] for r in rows] == ["2.0", "inf"]

@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -248,7 +248,8 @@ def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], spec: AuditSpec,
     return text
 
 
-def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: bool = True) -> list[dict[str, Any]]:
+def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: bool = True,
+              progress_file: Optional[TextIO] = None) -> list[dict[str, Any]]:
     """Train one federation per ε with the same canaries; write the audit report; return its runs."""
     from fedtune.experiments.plots import plot_score_histograms
     from fedtune.tasks import get_task
@@ -269,7 +270,7 @@ def run_audit(spec: AuditSpec, base: FedtuneConfig, out_dir: Path, progress: boo
     write_experiment_record(out_dir, "audit", {**dataclasses.asdict(spec),
                                                "epsilons": ["inf" if math.isinf(e) else e for e in spec.epsilons]},
                             base)
-    run_plans(plans, out_dir, spec.engine, progress=progress)
+    run_plans(plans, out_dir, spec.engine, progress=progress, progress_file=progress_file)
 
     runs = []
     for setting, cfg in plans:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, TextIO
 
 from fedtune.config import TASKS
 from fedtune.data.records import DataError
 from fedtune.errors import ConfigError
+from fedtune.run_log import LOG_FILE, HeldRecords, hold_log_records, output_to_log
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="flower: Flower's simulation engine (Ray), default for full size; inprocess: the "
                              "same ServerApp/ClientApp code without Ray, default for --quick")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print the libraries' and the sites' output here instead of into OUT/log.txt")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="classification: a sequence-classification head with LoRA over labelled records "
                              "(the demo corpus's specialities by default); sets model.task and data.format")
@@ -98,9 +103,39 @@ def _set_log_level(level: str) -> None:
     logging.getLogger("fedtune").setLevel(level)
 
 
+@contextmanager
+def _quietly(out: Path, verbose: bool, held: HeldRecords) -> Iterator[Optional[TextIO]]:
+    """Descriptors 1 and 2 into ``out/log.txt`` for the block; yield the console (None if verbose).
+
+    A grid loads real models run after run: conversion bars, library warnings and every
+    site's log lines would bury the one progress bar.  A configuration refused before
+    any run leaves nothing behind, not even the log directory the block made for it.
+    """
+    if verbose:
+        held.replay()
+        yield None
+        return
+    fresh = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with output_to_log(out / LOG_FILE) as console:
+            held.replay()
+            yield console
+    except (ConfigError, DataError):
+        if fresh and [p.name for p in out.iterdir()] == [LOG_FILE]:
+            shutil.rmtree(out)
+        raise
+
+
+def _print_outputs(out: Path, names: str, verbose: bool) -> None:
+    print(f"Outputs: {out.resolve()}")
+    print(f"  {names}" + ("" if verbose else f", {LOG_FILE} (-v prints it here instead)"))
+
+
 def run_utility_command(args: argparse.Namespace) -> None:
-    from fedtune.experiments import utility
-    from fedtune.experiments.sweep import apply_overrides, reject_grid_overrides
+    with hold_log_records() as held:  # what the libraries log as they load belongs in log.txt
+        from fedtune.experiments import utility
+        from fedtune.experiments.sweep import apply_overrides, reject_grid_overrides
 
     grid_flags = [args.seeds, args.epsilons, args.partitions, args.alpha, args.strategies, args.sites]
     if args.spec is not None:
@@ -131,16 +166,17 @@ def run_utility_command(args: argparse.Namespace) -> None:
         spec.engine = args.engine
     out = args.out or DEFAULT_OUT / ("utility-quick" if args.quick else "utility")
     _set_log_level(base.log_level)
-    text = utility.run_utility(spec, base, out, progress=not args.no_progress)
+    with _quietly(out, args.verbose, held) as console:
+        text = utility.run_utility(spec, base, out, progress=not args.no_progress, progress_file=console)
     print(text)
-    print(f"Outputs: {out.resolve()}")
-    print(f"  {utility.CSV_NAME}, {utility.TABLE_NAME}, utility_vs_epsilon.png, utility_vs_round.png, "
-          f"{utility.SPEC_NAME}, runs/")
+    _print_outputs(out, f"{utility.CSV_NAME}, {utility.TABLE_NAME}, utility_vs_epsilon.png, utility_vs_round.png, "
+                        f"{utility.SPEC_NAME}, runs/", args.verbose)
 
 
 def run_audit_command(args: argparse.Namespace) -> None:
-    from fedtune.experiments import audit
-    from fedtune.experiments.sweep import apply_overrides, reject_grid_overrides
+    with hold_log_records() as held:
+        from fedtune.experiments import audit
+        from fedtune.experiments.sweep import apply_overrides, reject_grid_overrides
 
     spec = audit.quick_spec() if args.quick else audit.AuditSpec()
     base = audit.quick_base() if args.quick else audit.full_base()
@@ -159,16 +195,18 @@ def run_audit_command(args: argparse.Namespace) -> None:
             setattr(spec, name, value)
     out = args.out or DEFAULT_OUT / ("audit-quick" if args.quick else "audit")
     _set_log_level(base.log_level)
-    audit.run_audit(spec, base, out, progress=not args.no_progress)
+    with _quietly(out, args.verbose, held) as console:
+        audit.run_audit(spec, base, out, progress=not args.no_progress, progress_file=console)
     print((out / "audit.md").read_text())
-    print(f"Outputs: {out.resolve()}")
-    print("  audit.md, audit.json, canary_scores.csv, score_histograms.png, canaries.jsonl, experiment.json, runs/")
+    _print_outputs(out, "audit.md, audit.json, canary_scores.csv, score_histograms.png, canaries.jsonl, "
+                        "experiment.json, runs/", args.verbose)
 
 
 def run_stream_command(args: argparse.Namespace) -> None:
-    from fedtune.experiments import stream
-    from fedtune.experiments.sweep import apply_overrides
-    from fedtune.experiments.utility import full_base, set_task
+    with hold_log_records() as held:
+        from fedtune.experiments import stream
+        from fedtune.experiments.sweep import apply_overrides
+        from fedtune.experiments.utility import full_base, set_task
 
     spec = stream.StreamSpec(engine="inprocess" if args.quick else "flower")
     base = stream.quick_base() if args.quick else full_base()
@@ -183,9 +221,11 @@ def run_stream_command(args: argparse.Namespace) -> None:
         spec.engine = args.engine
     out = args.out or DEFAULT_OUT / ("stream-quick" if args.quick else "stream")
     _set_log_level(base.log_level)
-    print(stream.run_stream(spec, base, out))
-    print(f"Outputs: {out.resolve()}")
-    print(f"  {stream.CSV_NAME}, {stream.TABLE_NAME}, {stream.PLOT_NAME}, per_cohort/versions/, whole_site/versions/")
+    with _quietly(out, args.verbose, held):
+        text = stream.run_stream(spec, base, out)
+    print(text)
+    _print_outputs(out, f"{stream.CSV_NAME}, {stream.TABLE_NAME}, {stream.PLOT_NAME}, per_cohort/versions/, "
+                        "whole_site/versions/", args.verbose)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 from fedtune.config import FedtuneConfig, load_structured, to_dict
 from fedtune.checkpoint import atomic_write_text
@@ -257,13 +257,18 @@ def plan_runs(settings: Sequence[Setting], base: FedtuneConfig, out_dir: Path) -
 
 
 def run_plans(plans: Sequence[tuple[Setting, FedtuneConfig]], out_dir: Path, engine: str, progress: bool = True,
-              on_result: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
-    """Run (or reuse) every planned run; return one result row per run, in order."""
+              on_result: Optional[Callable[[dict[str, Any]], None]] = None,
+              progress_file: Optional[TextIO] = None) -> list[dict[str, Any]]:
+    """Run (or reuse) every planned run; return one result row per run, in order.
+
+    ``progress_file``: where the bar goes (stderr if None), e.g. the console of a
+    command whose other output goes to its log.
+    """
     from tqdm.auto import tqdm
 
     rows: list[dict[str, Any]] = []
     reused = 0
-    bar = tqdm(plans, desc="runs", unit="run", disable=not progress)
+    bar = tqdm(plans, desc="runs", unit="run", disable=not progress, file=progress_file)
     for setting, cfg in bar:
         bar.set_postfix_str(setting.key)
         run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]

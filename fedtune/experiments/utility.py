@@ -21,7 +21,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from fedtune.checkpoint import atomic_write_text
 from fedtune.config import PARTITIONS, STRATEGIES, FedtuneConfig, from_dict, to_dict
@@ -204,7 +204,8 @@ def field_sites(spec: UtilitySpec, base: FedtuneConfig) -> Optional[int]:
     return cfg.federation.num_sites
 
 
-def run_utility(spec: UtilitySpec, base: FedtuneConfig, out_dir: Path, progress: bool = True) -> str:
+def run_utility(spec: UtilitySpec, base: FedtuneConfig, out_dir: Path, progress: bool = True,
+                progress_file: Optional[TextIO] = None) -> str:
     """Run (or resume) the sweep; write CSV, table and plots; return the Markdown table."""
     validate_spec(spec)
     settings = expand_grid(spec.epsilons, spec.partitions, spec.strategies, spec.num_sites, spec.seeds,
@@ -212,5 +213,5 @@ def run_utility(spec: UtilitySpec, base: FedtuneConfig, out_dir: Path, progress:
     plans = plan_runs(settings, base, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_experiment_record(out_dir, "utility", spec_to_json(spec), base)
-    rows = run_plans(plans, out_dir, spec.engine, progress=progress)
+    rows = run_plans(plans, out_dir, spec.engine, progress=progress, progress_file=progress_file)
     return render(out_dir, rows)
